@@ -1,0 +1,134 @@
+"""The ``edgeconv`` command: thin click wrappers over library functions."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from edgeconv_runtime.errors import EdgeconvError
+
+
+def user_errors(fn):
+    """Print EdgeconvError as one line (no traceback) and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EdgeconvError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log each epoch.")
+def cli(verbose: bool) -> None:
+    """edgeconv: train image classifiers, export them, run them on a device."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@user_errors
+def models_cmd(as_json: bool) -> None:
+    """List registered models with parameter counts and input size."""
+    from .models import count_parameters, create_model, get_model_entry, list_models
+
+    rows = []
+    for name in list_models():
+        e = get_model_entry(name)
+        ex = e.listed_example
+        m = create_model(name, **ex)
+        c, (h, w) = ex["in_channels"], ex["input_size"]
+        rows.append({"name": name, "parameters": count_parameters(m), "input": f"{h}x{w}x{c}", "classes": ex["num_classes"], "pretrained": e.pretrained, "description": e.description})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'model':<22} {'parameters':>12} {'input':>11} {'classes':>7}  description")
+    for r in rows:
+        click.echo(f"{r['name']:<22} {r['parameters']:>12,} {r['input']:>11} {r['classes']:>7}  {r['description']}")
+
+
+def train_options(fn):
+    opts = [
+        click.option("--data", required=True, help="Image-folder root, IDX directory, mnist-5k or fashion-mnist."),
+        click.option("--model", "model_name", required=True, help="Model name (see `edgeconv models`)."),
+        click.option("--epochs", type=int, default=10, show_default=True),
+        click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write."),
+        click.option("--test-data", default=None, help="Take the test split from here (e.g. the official MNIST t10k files)."),
+        click.option("--batch-size", type=int, default=None, help="Default: the model's."),
+        click.option("--optimizer", type=click.Choice(["rmsprop", "adam", "adamw", "sgd"]), default=None, help="Default: the model's."),
+        click.option("--lr", type=float, default=None, help="Learning rate. Default: the model's."),
+        click.option("--weight-decay", type=float, default=0.0, show_default=True),
+        click.option("--lr-schedule", type=click.Choice(["none", "cosine", "onecycle"]), default="none", show_default=True),
+        click.option("--augment/--no-augment", default=False, show_default=True, help="The book's augmentation (rotation, shifts, shear, zoom, flip)."),
+        click.option("--augment-preset", type=click.Choice(["book", "light", "digits"]), default=None, help="Default: the model's (digits: no flips)."),
+        click.option("--dropout", type=float, default=None, help="Dropout before the dense head. Default: the model's."),
+        click.option("--downsample", type=click.Choice(["max", "avg", "stride"]), default=None, help="Downsampling in the book's convnets (default max)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--patience", type=int, default=None, help="Early stopping: epochs without a better validation loss."),
+        click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Carved from train when there is no validation split."),
+        click.option("--size", type=int, default=None, help="Square input size for image folders. Default: the model's."),
+        click.option("--label-smoothing", type=float, default=0.0, show_default=True),
+        click.option("--threads", type=int, default=None, help="torch CPU threads."),
+        click.option("--force", is_flag=True, help="Overwrite a run directory that already holds a model."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+@cli.command("train")
+@train_options
+@user_errors
+def train_cmd(model_name: str, **kw) -> None:
+    """Train a model and write a run directory (model.pt, metrics.json, history, curves.png)."""
+    from .train import TrainConfig, train
+
+    result = train(TrainConfig(model=model_name, **kw))
+    m = result.metrics
+    test = f"{m['test_accuracy']:.4f}" if m["test_accuracy"] is not None else "n/a"
+    click.echo(
+        f"{m['model']}: test_accuracy {test}  val_accuracy {m['val_accuracy']:.4f}  best epoch {m['best_epoch']}/{m['epochs_run']}  "
+        f"{m['train_seconds']:.1f} s  {m['train_images_per_second']:.0f} img/s  -> {result.out}"
+    )
+    if m["interrupted"]:
+        sys.exit(130)
+
+
+@cli.command("demo")
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--test-data", default=None, help="Default: ../shared/data/mnist when present, else a split carved from mnist-5k.")
+@user_errors
+def demo_cmd(out: str, epochs: int, test_data: str | None) -> None:
+    """The main job on its embedded default: chollet_mnist on mnist-5k."""
+    from .train import TrainConfig, train
+
+    if test_data is None:
+        for cand in (Path("../shared/data/mnist"), Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"):
+            if cand.is_dir():
+                test_data = str(cand)
+                break
+    cfg = TrainConfig(
+        data="mnist-5k", model="chollet_mnist", out=out, epochs=epochs, test_data=test_data,
+        optimizer="adam", lr=2e-3, lr_schedule="cosine", batch_size=64, augment=True, augment_preset="digits", dropout=0.25, force=True,
+    )
+    result = train(cfg)
+    m = result.metrics
+    click.echo(json.dumps({k: m[k] for k in ("model", "parameters", "test_accuracy", "val_accuracy", "epochs_run", "train_seconds", "train_images_per_second")}, indent=2))
+    click.echo(f"run directory: {result.out}")
+
+
+def main() -> None:
+    cli(prog_name="edgeconv")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,412 @@
+"""Training: in-memory loaders, the epoch loop, best-epoch checkpoints, history and curves."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeconv_runtime.errors import EdgeconvError
+from edgeconv_runtime.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from edgeconv_runtime.preprocess import Preprocess
+
+from . import checkpoint as ckpt
+from .augment import build_augmentation
+from .data import Dataset, Split, inspect_source, load_dataset
+from .models import count_parameters, create_model, get_model_entry
+
+log = logging.getLogger("edgeconv.train")
+
+OPTIMIZERS = ("rmsprop", "adam", "adamw", "sgd")
+SCHEDULES = ("none", "cosine", "onecycle")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``edgeconv train`` takes; None means the model's own default."""
+
+    data: str
+    model: str
+    out: str
+    epochs: int = 10
+    test_data: Optional[str] = None
+    batch_size: Optional[int] = None
+    optimizer: Optional[str] = None
+    lr: Optional[float] = None
+    weight_decay: float = 0.0
+    lr_schedule: str = "none"
+    augment: bool = False
+    augment_preset: Optional[str] = None
+    dropout: Optional[float] = None
+    downsample: Optional[str] = None
+    seed: int = 0
+    patience: Optional[int] = None
+    val_fraction: float = 0.1
+    size: Optional[int] = None
+    label_smoothing: float = 0.0
+    threads: Optional[int] = None
+    progress: bool = True
+    force: bool = False
+
+    def resolved(self) -> "TrainConfig":
+        entry = get_model_entry(self.model)
+        d = dict(entry.train_defaults)
+        c = TrainConfig(**asdict(self))
+        c.batch_size = c.batch_size or d.get("batch_size", 32)
+        c.optimizer = (c.optimizer or d.get("optimizer", "adam")).lower()
+        c.lr = c.lr if c.lr is not None else d.get("lr", 1e-3)
+        if c.augment and not c.augment_preset:
+            c.augment_preset = d.get("augment_preset", "book")
+        if not c.augment:
+            c.augment_preset = None
+        if c.optimizer not in OPTIMIZERS:
+            raise EdgeconvError(f"unknown optimizer {c.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+        if c.lr_schedule not in SCHEDULES:
+            raise EdgeconvError(f"unknown --lr-schedule {c.lr_schedule!r}; use one of {', '.join(SCHEDULES)}")
+        if c.epochs < 1:
+            raise EdgeconvError(f"--epochs must be at least 1, got {c.epochs}")
+        if c.batch_size < 1:
+            raise EdgeconvError(f"--batch-size must be at least 1, got {c.batch_size}")
+        if not 0 < c.val_fraction < 1:
+            raise EdgeconvError(f"--val-fraction must be between 0 and 1, got {c.val_fraction}")
+        return c
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+class InMemoryLoader:
+    """Batches from uint8 pixels held in memory, normalised exactly as the runtime does.
+
+    Without augmentation a batch is one gather and one fused scale/normalise, so the data
+    path costs next to nothing beside the model. With augmentation each sample goes through
+    torchvision.transforms.v2 on its uint8 tensor. ``indices`` lets a distributed sampler
+    choose this rank's share.
+    """
+
+    def __init__(self, split: Split, pre: Preprocess, batch_size: int, shuffle: bool = False, seed: int = 0, augment: Optional[Callable] = None, channels_last: bool = False):
+        self.x = torch.from_numpy(np.array(split.pixels, copy=True)).permute(0, 3, 1, 2).contiguous()
+        self.y = torch.from_numpy(split.labels)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.augment = augment
+        self.channels_last = channels_last
+        self.scale = float(pre.scale)
+        c = pre.channels
+        self.mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, c, 1, 1) if any(pre.mean) else None
+        self.std = torch.tensor(pre.std, dtype=torch.float32).view(1, c, 1, 1) if any(s != 1 for s in pre.std) else None
+        self.indices: Optional[Callable[[int], torch.Tensor]] = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> torch.Tensor:
+        if self.indices is not None:
+            return self.indices(self.epoch)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            return torch.randperm(len(self.y), generator=g)
+        return torch.arange(len(self.y))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.order()) / self.batch_size) if self.indices is not None else math.ceil(len(self.y) / self.batch_size)
+
+    def normalize(self, xb: torch.Tensor) -> torch.Tensor:
+        x = xb.to(torch.float32).mul_(self.scale)
+        if self.mean is not None:
+            x.sub_(self.mean)
+        if self.std is not None:
+            x.div_(self.std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def __iter__(self):
+        order = self.order()
+        for b in range(0, len(order), self.batch_size):
+            ii = order[b : b + self.batch_size]
+            xb = self.x[ii]
+            if self.augment is not None:
+                xb = torch.stack([self.augment(img) for img in xb])
+            yield self.normalize(xb), self.y[ii]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float):
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+
+
+def make_scheduler(name: str, optimizer, epochs: int, steps_per_epoch: int):
+    """Per-step schedule (None for constant learning rate)."""
+    total = max(1, epochs * steps_per_epoch)
+    if name == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total)
+    return None
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: InMemoryLoader, loss_fn=None) -> dict:
+    """Loss and accuracy of ``model`` over a loader, in eval mode."""
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    was_training = model.training
+    model.eval()
+    total, correct, loss_sum = 0, 0, 0.0
+    for x, y in loader:
+        logits = model(x)
+        loss_sum += float(loss_fn(logits, y)) * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return {"loss": loss_sum / max(total, 1), "accuracy": correct / max(total, 1), "n": total}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def write_history(out: Path, history: list) -> None:
+    atomic_write_json(out / "history.json", history)
+    if history:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+        atomic_write_text(out / "history.csv", buf.getvalue())
+
+
+def plot_history(out: Path, history: list, title: str) -> None:
+    """The book's training/validation accuracy and loss charts, side by side, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "acc", "accuracy"), (axes[1], "loss", "loss")):
+        ax.plot(ep, [h[f"train_{key}"] for h in history], "bo-", ms=3, label=f"training {label}")
+        ax.plot(ep, [h[f"val_{key}"] for h in history], "r.-", label=f"validation {label}")
+        ax.set_xlabel("epoch")
+        ax.set_title(f"Training and validation {label}")
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write_bytes(out / "curves.png", buf.getvalue())
+
+
+def build_preprocess(model_name: str, info, size: Optional[int]) -> Preprocess:
+    """The model's preprocessing for this data: channels and size from the data, policy from the model."""
+    entry = get_model_entry(model_name)
+    p = dict(entry.preprocess)
+    if size:
+        hw = (size, size)
+    elif info.native_size is not None and entry.default_size is None:
+        hw = info.native_size
+    elif entry.default_size is not None:
+        hw = entry.default_size
+    else:
+        hw = info.native_size or (150, 150)
+    if info.kind == "arrays" and tuple(hw) != tuple(info.native_size):
+        raise EdgeconvError(f"{info.path} holds {info.native_size[0]}x{info.native_size[1]} images; {model_name} at {hw} needs image folders (drop --size)")
+    ch = entry.preprocess.get("channels", info.channels)
+    mean = p.get("mean", (0.0,) * ch)
+    std = p.get("std", (1.0,) * ch)
+    return Preprocess(size=hw, channels=ch, resize=p.get("resize", "stretch"), crop_pct=p.get("crop_pct", 0.875), scale=p.get("scale", 1 / 255), mean=mean, std=std)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class RunResult:
+    out: Path
+    metrics: dict
+    history: list = field(default_factory=list)
+
+
+def prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise EdgeconvError(f"--out {out} is a file; choose a directory")
+    if (out / ckpt.CHECKPOINT_NAME).exists() and not force:
+        raise EdgeconvError(f"{out} already holds a trained model; pass --force to overwrite it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> RunResult:
+    """Train one model as ``config`` says; writes the run directory and returns its metrics."""
+    cfg = config.resolved()
+    out = Path(cfg.out)
+    prepare_out(out, cfg.force)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+
+    t0 = time.perf_counter()
+    if dataset is None:
+        info = inspect_source(cfg.data)
+        pre = build_preprocess(cfg.model, info, cfg.size)
+        dataset = load_dataset(cfg.data, pre, test_data=cfg.test_data, val_fraction=cfg.val_fraction, seed=cfg.seed, info=info)
+    pre = dataset.preprocess
+    load_seconds = time.perf_counter() - t0
+
+    entry = get_model_entry(cfg.model)
+    kwargs = {}
+    if cfg.downsample:
+        kwargs["downsample"] = cfg.downsample
+    if cfg.dropout is not None:
+        kwargs["dropout"] = cfg.dropout
+    seed_everything(cfg.seed)
+    model = create_model(cfg.model, num_classes=dataset.num_classes, in_channels=pre.channels, input_size=pre.size, **kwargs)
+    n_params = count_parameters(model)
+
+    augment = build_augmentation(cfg.augment_preset)
+    train_loader = InMemoryLoader(dataset.train, pre, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment)
+    eval_bs = max(cfg.batch_size, 256)
+    val_loader = InMemoryLoader(dataset.val, pre, eval_bs)
+    test_loader = InMemoryLoader(dataset.test, pre, eval_bs) if dataset.test is not None else None
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
+    scheduler = make_scheduler(cfg.lr_schedule, optimizer, cfg.epochs, len(train_loader))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    eval_loss = nn.CrossEntropyLoss()
+
+    meta = {
+        "model": {"name": cfg.model, "kwargs": kwargs, "parameters": n_params},
+        "classes": list(dataset.classes),
+        "preprocess": pre.to_dict(),
+        "data": {k: v for k, v in dataset.describe().items() if k != "class_counts"} | {"val_fraction": cfg.val_fraction, "seed": cfg.seed},
+        "train_config": asdict(cfg),
+        "versions": ckpt.library_versions(),
+    }
+
+    history: list = []
+    best = {"val_loss": math.inf, "epoch": 0}
+    bad_epochs = 0
+    train_seconds = 0.0
+    images_seen = 0
+    interrupted = stopped_early = False
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            train_loader.set_epoch(epoch)
+            model.train()
+            te = time.perf_counter()
+            loss_sum, correct, seen = 0.0, 0, 0
+            bar = tqdm(total=len(train_loader), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None if cfg.progress else True) if tqdm else None
+            for x, y in train_loader:
+                optimizer.zero_grad(set_to_none=True)
+                logits = model(x)
+                loss = loss_fn(logits, y)
+                loss.backward()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                n = len(y)
+                loss_sum += float(loss.detach()) * n
+                correct += int((logits.argmax(1) == y).sum())
+                seen += n
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+            if bar is not None:
+                bar.close()
+            epoch_train = time.perf_counter() - te
+            train_seconds += epoch_train
+            images_seen += seen
+            v = evaluate(model, val_loader, eval_loss)
+            row = {
+                "epoch": epoch,
+                "train_loss": round(loss_sum / seen, 6),
+                "train_acc": round(correct / seen, 6),
+                "val_loss": round(v["loss"], 6),
+                "val_acc": round(v["accuracy"], 6),
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": round(time.perf_counter() - te, 3),
+                "train_images_per_second": round(seen / epoch_train, 1),
+            }
+            history.append(row)
+            if v["loss"] < best["val_loss"]:
+                best = {"val_loss": v["loss"], "val_accuracy": v["accuracy"], "epoch": epoch}
+                bad_epochs = 0
+                ckpt.save_checkpoint(out / ckpt.CHECKPOINT_NAME, model, {**meta, "epoch": epoch, "val_accuracy": v["accuracy"], "val_loss": v["loss"]})
+            else:
+                bad_epochs += 1
+            write_history(out, history)
+            log.info("epoch %d/%d %s", epoch, cfg.epochs, {k: row[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")})
+            if cfg.patience is not None and bad_epochs >= cfg.patience:
+                stopped_early = True
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        log.warning("interrupted: keeping the best checkpoint so far (epoch %s)", best["epoch"])
+
+    if not history or best["epoch"] == 0:
+        raise EdgeconvError("training was interrupted before the first epoch finished; nothing was saved")
+
+    # Final figures come from the best epoch's weights, reloaded from the file we ship.
+    best_ck = ckpt.load_checkpoint(out / ckpt.CHECKPOINT_NAME)
+    model.load_state_dict(best_ck["state_dict"])
+    test = evaluate(model, test_loader, eval_loss) if test_loader is not None else None
+    metrics = {
+        "model": cfg.model,
+        "parameters": n_params,
+        "test_accuracy": test["accuracy"] if test else None,
+        "test_loss": test["loss"] if test else None,
+        "val_accuracy": best["val_accuracy"],
+        "val_loss": best["val_loss"],
+        "best_epoch": best["epoch"],
+        "epochs_run": len(history),
+        "stopped_early": stopped_early,
+        "interrupted": interrupted,
+        "train_seconds": round(train_seconds, 3),
+        "train_images_per_second": round(images_seen / train_seconds, 1) if train_seconds else None,
+        "data_load_seconds": round(load_seconds, 3),
+        "sizes": {"train": len(dataset.train), "val": len(dataset.val), "test": len(dataset.test) if dataset.test is not None else 0},
+        "skipped_images": dataset.skipped,
+        "seed": cfg.seed,
+    }
+    best_ck.update({"test_accuracy": metrics["test_accuracy"], "metrics": metrics})
+    ckpt.save_checkpoint(out / ckpt.CHECKPOINT_NAME, model, {k: v for k, v in best_ck.items() if k not in ("state_dict", "format", "version")})
+    atomic_write_json(out / "metrics.json", metrics)
+    write_history(out, history)
+    plot_history(out, history, f"{cfg.model} on {Path(str(dataset.source)).name}")
+    return RunResult(out, metrics, history)

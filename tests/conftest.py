@@ -1,0 +1,63 @@
+"""Shared fixtures: the real datasets beside the repo (../shared/data) and small real subsets."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(path: Path) -> Path:
+    """Real data the test needs: fail loudly under CI, skip on a developer machine without it."""
+    if not path.exists():
+        msg = f"real test data missing: {path} (see ../shared/data/README.md)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist_test_dir() -> Path:
+    return require(SHARED / "mnist")
+
+
+@pytest.fixture(scope="session")
+def catsdogs_dir() -> Path:
+    return require(SHARED / "cats_and_dogs_small")
+
+
+@pytest.fixture(scope="session")
+def hymenoptera_dir() -> Path:
+    return require(SHARED / "hymenoptera_data")
+
+
+@pytest.fixture(scope="session")
+def catsdogs_tiny(tmp_path_factory, catsdogs_dir) -> Path:
+    """A small real subset of cats_and_dogs_small in Chollet's layout (train/validation/test)."""
+    root = tmp_path_factory.mktemp("catsdogs_tiny")
+    per_split = {"train": 40, "validation": 16, "test": 16}
+    for split, n in per_split.items():
+        for cls in ("cats", "dogs"):
+            src = sorted((catsdogs_dir / split / cls).iterdir())[:n]
+            dst = root / split / cls
+            dst.mkdir(parents=True)
+            for f in src:
+                shutil.copy(f, dst / f.name)
+    return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip cleanly, with a reason, where no NVIDIA GPU is present."""
+    has_gpu = shutil.which("nvidia-smi") is not None and Path("/dev/nvidia0").exists()
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (CUDA/TensorRT); none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

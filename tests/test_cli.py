@@ -1,0 +1,42 @@
+import subprocess
+import sys
+
+import pytest
+
+
+def edgeconv(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "edgeconv", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_models_lists_parameter_counts_and_input_size():
+    r = edgeconv("models")
+    assert r.returncode == 0, r.stderr
+    line = next(l for l in r.stdout.splitlines() if l.startswith("chollet_mnist"))
+    assert "93,322" in line and "28x28x1" in line
+    assert "150x150x3" in next(l for l in r.stdout.splitlines() if l.startswith("chollet_catsdogs"))
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--data", "/no/such/dir", "--model", "chollet_mnist"], "data path not found: /no/such/dir"),
+        (["--data", "mnist-5k", "--model", "resnet9000"], "unknown model 'resnet9000'"),
+        (["--data", "mnist-5k", "--model", "chollet_mnist", "--epochs", "0"], "--epochs must be at least 1"),
+        (["--data", "mnist-5k", "--model", "chollet_mnist", "--size", "64"], "needs image folders"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(tmp_path, args, needle):
+    r = edgeconv("train", *args, "--out", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+
+
+def test_train_command_end_to_end(tmp_path, mnist_test_dir):
+    out = tmp_path / "cli_run"
+    r = edgeconv("train", "--data", "mnist-5k", "--test-data", str(mnist_test_dir), "--model", "chollet_mnist",
+                 "--epochs", "1", "--optimizer", "adam", "--lr", "0.002", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "test_accuracy 0.9" in r.stdout  # one epoch on 4,500 digits already beats 90 %
+    assert (out / "metrics.json").is_file()
