@@ -126,6 +126,44 @@ def demo_cmd(out: str, epochs: int, test_data: str | None) -> None:
     click.echo(f"run directory: {result.out}")
 
 
+@cli.command("export")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Bundle directory to write.")
+@click.option("--precision", "precision", default="fp32", show_default=True, help="Comma list of fp32, fp16, int8.")
+@click.option("--format", "fmt", default="onnx", show_default=True, help="Comma list of onnx, tensorrt.")
+@click.option("--calib-data", default=None, type=click.Path(), help="Folder of real images for INT8 calibration (default: the training split).")
+@click.option("--calib-size", default=500, show_default=True, type=int, help="Calibration images (all if fewer).")
+@click.option("--calib-method", default="minmax", show_default=True, type=click.Choice(["minmax", "entropy", "percentile"]))
+@click.option("--val-data", default=None, help="Parity images (default: the checkpoint's validation split).")
+@click.option("--opset", default=17, show_default=True, type=int)
+@click.option("--max-accuracy-drop", default=1.0, show_default=True, type=float, help="Points an FP16/INT8 artifact may lose vs FP32.")
+@click.option("--batch-min", default=1, show_default=True, type=int, help="TensorRT profile.")
+@click.option("--batch-opt", default=8, show_default=True, type=int)
+@click.option("--batch-max", default=32, show_default=True, type=int)
+@click.option("--timing-cache", default=None, type=click.Path(), help="TensorRT timing cache file, reused across builds.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle (only once the new one is complete).")
+@user_errors
+def export_cmd(checkpoint, out, precision, fmt, **kw) -> None:
+    """Export a trained model to a self-describing bundle, checking parity on real images."""
+    from .exporting import ExportRequest, export_run, parse_targets
+
+    formats, _ = parse_targets(fmt)
+    _, precisions = parse_targets(precision)
+    manifest = export_run(ExportRequest(checkpoint=checkpoint, out=out, precisions=precisions, formats=formats, **kw))
+    click.echo(format_manifest(manifest.to_dict()))
+
+
+def format_manifest(m: dict) -> str:
+    lines = [f"bundle {m['name']}: {len(m['classes'])} classes, input {m['input']['shape']}, parity on {m['parity']['images']} real images, {m['export_seconds']:.1f} s"]
+    for a in m["artifacts"]:
+        p = a.get("parity") or {}
+        extra = ""
+        if p:
+            extra = f"  max|diff| {p['max_abs_diff']:.2e}  top1 agree {p['top1_agreement']:.4f}  acc {p['accuracy']:.4f}"
+        lines.append(f"  {a['file']:<18} {a['precision']:<5} {a['bytes'] / 1e6:8.2f} MB{extra}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     cli(prog_name="edgeconv")
 

@@ -381,3 +381,33 @@ def load_dataset(
         test_source=test_source,
         skipped=skipped,
     )
+
+
+def load_images_recursive(path: str, pre: Preprocess, limit: Optional[int] = None, seed: int = 0, workers: Optional[int] = None) -> tuple:
+    """Every image under ``path`` (any layout), decoded at ``pre``'s size: (pixels, files).
+
+    For calibration folders; with ``limit``, a seeded random sample of that many files.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise EdgeconvError(f"image folder not found: {path}; pass a directory of real images")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise EdgeconvError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...); pass a folder of real images")
+    if limit is not None and len(files) > limit:
+        files = [files[i] for i in sorted(np.random.default_rng(seed).choice(len(files), limit, replace=False))]
+
+    def decode(p):
+        try:
+            return load_pixels(p, pre, strict=False)
+        except EdgeconvError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+        decoded = list(pool.map(decode, files, chunksize=16))
+    keep = [i for i, px in enumerate(decoded) if px is not None]
+    if not keep:
+        raise EdgeconvError(f"no readable images in {path}; check the files")
+    if len(keep) < len(files):
+        log.warning("skipped %d unreadable or truncated image(s) in %s", len(files) - len(keep), path)
+    return np.stack([decoded[i] for i in keep]), [str(files[i]) for i in keep]

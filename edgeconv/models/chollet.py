@@ -43,6 +43,17 @@ def _flat_features(features: nn.Module, in_channels: int, input_size: tuple) -> 
     return int(out.numel())
 
 
+def _keras_init(m: nn.Module) -> None:
+    """Keras' defaults, as in the book: Glorot-uniform weights, zero biases.
+
+    PyTorch's default (Kaiming-uniform with a=sqrt(5)) starts these small nets noticeably
+    slower; with the book's init, 5 epochs reach the book's figures.
+    """
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        nn.init.xavier_uniform_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 class CholletNet(nn.Module):
     """Convolutional base + flatten + (dropout) + dense head, as in the book."""
 
@@ -54,6 +65,7 @@ class CholletNet(nn.Module):
             head.append(nn.Dropout(dropout))
         head += [nn.Linear(flat, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)]
         self.classifier = nn.Sequential(*head)
+        self.apply(_keras_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

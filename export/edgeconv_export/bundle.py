@@ -1,0 +1,228 @@
+"""Write a self-describing bundle: ONNX artifacts per precision, TensorRT engines, manifest, reference.
+
+The caller hands over the PyTorch model, its preprocessing and real images (validation
+split for parity, training images for INT8 calibration); nothing here knows how the model
+was trained. Everything is written into a temp directory that replaces ``out`` only when
+every artifact passed its parity gate.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from edgeconv_runtime.errors import EdgeconvError
+from edgeconv_runtime.fileio import atomic_directory, atomic_write_json, sha256_file
+from edgeconv_runtime.preprocess import Preprocess
+
+from . import onnx as onnx_io
+from .manifest import MANIFEST_NAME, Artifact, Manifest
+from .parity import parity_report
+from .precision import CALIBRATION_METHODS, PRECISIONS, calibrate_int8, convert_fp16
+
+log = logging.getLogger("edgeconv.export")
+
+FORMATS = ("onnx", "tensorrt")
+ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+ENGINE_FILES = {"fp32": "model.plan", "fp16": "model.fp16.plan", "int8": "model.int8.plan"}
+FP32_MAX_ABS = 1e-4  # ONNX Runtime vs PyTorch on CPU agree to ~1e-6; 1e-4 leaves room, catches real drift
+REFERENCE_IMAGES = 8
+
+
+@dataclass
+class ExportOptions:
+    precisions: tuple = ("fp32",)
+    formats: tuple = ("onnx",)
+    opset: int = onnx_io.DEFAULT_OPSET
+    calibration_method: str = "minmax"
+    max_accuracy_drop: float = 1.0  # points of accuracy an FP16/INT8 artifact may lose vs FP32
+    simplify: bool = True
+    batch_min: int = 1
+    batch_opt: int = 8
+    batch_max: int = 32
+    timing_cache: Optional[str] = None
+    force: bool = False
+
+    def validate(self) -> None:
+        bad = [p for p in self.precisions if p not in PRECISIONS]
+        if bad:
+            raise EdgeconvError(f"unknown precision {bad[0]!r}; use a comma list of {', '.join(PRECISIONS)}")
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad:
+            raise EdgeconvError(f"unknown format {bad[0]!r}; use a comma list of {', '.join(FORMATS)}")
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise EdgeconvError(f"unknown calibration method {self.calibration_method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
+        if not 1 <= self.batch_min <= self.batch_opt <= self.batch_max:
+            raise EdgeconvError("TensorRT profile needs 1 <= --batch-min <= --batch-opt <= --batch-max")
+
+
+@dataclass
+class ExportInputs:
+    """What the caller knows about the model: everything the bundle must carry."""
+
+    model: object  # torch.nn.Module in eval mode
+    name: str
+    classes: list
+    preprocess: Preprocess
+    val_x: np.ndarray  # real validation images, preprocessed NCHW float32
+    val_y: np.ndarray
+    calib_x: Optional[np.ndarray] = None  # real training images for INT8, preprocessed
+    reference_files: list = field(default_factory=list)
+    source: dict = field(default_factory=dict)
+    calibration_source: Optional[str] = None
+
+
+def torch_logits(model, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return np.concatenate([model(torch.from_numpy(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)]).astype(np.float32)
+
+
+def library_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for mod in ("torch", "onnx", "onnxruntime", "onnxslim", "tensorrt", "numpy"):
+        try:
+            versions[mod] = str(__import__(mod).__version__)
+        except Exception:  # not installed, or no GPU for tensorrt
+            versions[mod] = None
+    return versions
+
+
+def _gate(precision: str, report: dict, fp32_accuracy: float, max_drop: float) -> None:
+    """Refuse an artifact whose outputs disagree with PyTorch beyond its precision's tolerance."""
+    if not report["finite"]:
+        raise EdgeconvError(f"{precision} model produced NaN/Inf logits on the validation images; it cannot be shipped")
+    if precision == "fp32":
+        if report["top1_agreement"] < 1.0 or report["max_abs_diff"] > FP32_MAX_ABS:
+            raise EdgeconvError(
+                f"FP32 ONNX disagrees with PyTorch: top-1 agreement {report['top1_agreement']:.4f}, "
+                f"max abs diff {report['max_abs_diff']:.2e} (limits 1.0 and {FP32_MAX_ABS:.0e}); the export is broken, not shipped"
+            )
+        return
+    drop = 100.0 * (fp32_accuracy - report["accuracy"])
+    report["accuracy_drop_points"] = round(drop, 3)
+    if drop > max_drop:
+        hint = "; calibrate on more images (--calib-size) or try --calib-method entropy/percentile" if precision == "int8" else ""
+        raise EdgeconvError(
+            f"{precision} accuracy {100 * report['accuracy']:.2f} % is {drop:.2f} points below FP32 {100 * fp32_accuracy:.2f} % "
+            f"(allowed {max_drop} by --max-accuracy-drop){hint}"
+        )
+
+
+def export_bundle(inp: ExportInputs, out: str | Path, opts: ExportOptions) -> Manifest:
+    """Export, check parity of every artifact on real images, and write the bundle atomically."""
+    opts.validate()
+    precisions = tuple(dict.fromkeys(("fp32",) + tuple(opts.precisions)))  # FP32 is the reference for the others
+    if "tensorrt" in opts.formats:
+        from .tensorrt import require_tensorrt
+
+        require_tensorrt()  # before anything is written
+    if "int8" in precisions and (inp.calib_x is None or len(inp.calib_x) == 0):
+        raise EdgeconvError("INT8 needs calibration images and none were found; pass --calib-data with a folder of real training images")
+    if len(inp.val_x) == 0:
+        raise EdgeconvError("no validation images to check parity on; pass --val-data with real images")
+    t0 = time.perf_counter()
+    pre = inp.preprocess
+    ref_logits = torch_logits(inp.model, inp.val_x)
+    artifacts: list = []
+    calibration = None
+    with atomic_directory(out, force=opts.force) as tmp:
+        # FP32 ONNX: export, check, simplify if that keeps parity
+        fp32 = tmp / ONNX_FILES["fp32"]
+        raw = tmp / ".raw.onnx"
+        onnx_io.export_onnx(inp.model, pre.input_shape, raw, opts.opset)
+        onnx_io.check_onnx(raw)
+        nodes_before = onnx_io.node_count(raw)
+        simplified = False
+        if opts.simplify:
+            slim = tmp / ".slim.onnx"
+            if onnx_io.simplify(raw, slim):
+                onnx_io.check_onnx(slim)
+                r = parity_report(ref_logits, onnx_io.ort_logits(slim, inp.val_x), inp.val_y)
+                if r["top1_agreement"] == 1.0 and r["max_abs_diff"] <= FP32_MAX_ABS:
+                    slim.replace(fp32)
+                    simplified = True
+                else:
+                    log.warning("onnxslim changed the outputs (max abs diff %.2e); keeping the unsimplified graph", r["max_abs_diff"])
+                    slim.unlink()
+        if not simplified:
+            raw.replace(fp32)
+        raw.unlink(missing_ok=True)
+        metadata = {
+            "edgeconv.name": inp.name,
+            "edgeconv.classes": inp.classes,
+            "edgeconv.preprocess": pre.to_dict(),
+            "edgeconv.input_layout": "NCHW",
+        }
+        onnx_io.set_metadata(fp32, metadata)
+        onnx_io.check_onnx(fp32)
+        onnx_details = {"opset": opts.opset, "nodes_before_simplify": nodes_before, "nodes": onnx_io.node_count(fp32), "simplified": simplified}
+
+        if "fp16" in precisions:
+            convert_fp16(fp32, tmp / ONNX_FILES["fp16"])
+            onnx_io.set_metadata(tmp / ONNX_FILES["fp16"], metadata)
+        if "int8" in precisions:
+            calibration = calibrate_int8(fp32, tmp / ONNX_FILES["int8"], inp.calib_x, opts.calibration_method,
+                                         symmetric_activations="tensorrt" in opts.formats)
+            calibration["source"] = inp.calibration_source
+            onnx_io.set_metadata(tmp / ONNX_FILES["int8"], metadata)
+
+        fp32_accuracy = None
+        for prec in precisions:
+            path = tmp / ONNX_FILES[prec]
+            if prec != "fp32":
+                onnx_io.check_onnx(path)
+            report = parity_report(ref_logits, onnx_io.ort_logits(path, inp.val_x), inp.val_y)
+            report["backend"] = "onnxruntime-cpu"
+            if prec == "fp32":
+                fp32_accuracy = report["accuracy"]
+            _gate(prec, report, fp32_accuracy, opts.max_accuracy_drop)
+            details = dict(onnx_details) if prec == "fp32" else {"opset": opts.opset, "nodes": onnx_io.node_count(path)}
+            artifacts.append(Artifact(path.name, "onnx", prec, sha256_file(path), path.stat().st_size, report, details))
+
+        if "tensorrt" in opts.formats:
+            from .tensorrt import build_engine
+
+            for prec in precisions:
+                engine = tmp / ENGINE_FILES[prec]
+                sidecar = build_engine(tmp / ONNX_FILES[prec], engine, prec, pre.input_shape, opts.batch_min, opts.batch_opt,
+                                       opts.batch_max, Path(opts.timing_cache) if opts.timing_cache else None)
+                artifacts.append(Artifact(engine.name, "tensorrt", prec, sidecar["sha256"], engine.stat().st_size, None, sidecar))
+
+        # reference inputs and PyTorch outputs, so a device can re-check the model later
+        ref_dir = tmp / "reference"
+        ref_dir.mkdir()
+        k = min(REFERENCE_IMAGES, len(inp.val_x))
+        np.save(ref_dir / "inputs.npy", inp.val_x[:k])
+        np.save(ref_dir / "outputs.npy", ref_logits[:k])
+        np.save(ref_dir / "labels.npy", inp.val_y[:k].astype(np.int64))
+        reference = {"inputs": "reference/inputs.npy", "outputs": "reference/outputs.npy", "labels": "reference/labels.npy",
+                     "n": k, "files": [str(f) for f in inp.reference_files[:k]]}
+
+        manifest = Manifest(
+            name=inp.name,
+            classes=list(inp.classes),
+            input={"name": onnx_io.INPUT_NAME, "shape": ["batch", *pre.input_shape], "layout": "NCHW", "dtype": "float32"},
+            output={"name": onnx_io.OUTPUT_NAME, "shape": ["batch", len(inp.classes)], "dtype": "float32"},
+            preprocess=pre.to_dict(),
+            artifacts=[a.__dict__ for a in artifacts],
+            source=inp.source,
+            versions=library_versions(),
+            parity={"images": int(len(inp.val_x)), "split": inp.source.get("parity_split", "val"),
+                    "pytorch_accuracy": float((ref_logits.argmax(1) == inp.val_y).mean()), "fp32_max_abs_limit": FP32_MAX_ABS,
+                    "max_accuracy_drop_points": opts.max_accuracy_drop},
+            reference=reference,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            calibration=calibration,
+            export_seconds=round(time.perf_counter() - t0, 3),
+        )
+        atomic_write_json(tmp / MANIFEST_NAME, manifest.to_dict())
+    return manifest

@@ -1,0 +1,100 @@
+"""PyTorch -> ONNX: a dynamic batch axis, stable names, metadata, checked and simplified."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from edgeconv_runtime.errors import EdgeconvError
+
+log = logging.getLogger("edgeconv.export")
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+DEFAULT_OPSET = 17
+
+
+def export_onnx(model, input_shape: tuple, path: Path, opset: int = DEFAULT_OPSET) -> None:
+    """Trace ``model`` (eval mode, CPU) to ONNX with a dynamic batch axis."""
+    import torch
+
+    model = model.eval().cpu()
+    dummy = torch.zeros(1, *input_shape)
+    try:
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    except Exception as exc:  # the exporter raises many types for unsupported ops/opsets
+        raise EdgeconvError(f"ONNX export failed at opset {opset}: {str(exc).splitlines()[0][:200]}; try another --opset") from exc
+
+
+def check_onnx(path: Path) -> None:
+    """``onnx.checker`` + strict shape inference: the file must be valid ONNX."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise EdgeconvError(f"{path.name} failed onnx.checker: {str(exc).splitlines()[0][:200]}") from exc
+
+
+def node_count(path_or_model) -> int:
+    import onnx
+
+    m = onnx.load(str(path_or_model), load_external_data=False) if not hasattr(path_or_model, "graph") else path_or_model
+    return len(m.graph.node)
+
+
+def simplify(src: Path, dst: Path) -> bool:
+    """Simplify with onnxslim; returns False (and writes nothing) when it is unavailable or fails."""
+    try:
+        import onnxslim
+    except ImportError:
+        log.info("onnxslim not installed; keeping the unsimplified graph")
+        return False
+    import contextlib
+    import io
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # onnxslim prints a summary table
+            onnxslim.slim(str(src), str(dst))
+        return dst.is_file()
+    except Exception as exc:  # a simplifier bug must not sink the export
+        log.warning("onnxslim failed (%s); keeping the unsimplified graph", str(exc).splitlines()[0][:120])
+        return False
+
+
+def set_metadata(path: Path, props: dict) -> None:
+    """Write ``metadata_props`` (string key/values) so the .onnx alone says how to use it."""
+    import onnx
+
+    m = onnx.load(str(path))
+    del m.metadata_props[:]
+    for k, v in props.items():
+        entry = m.metadata_props.add()
+        entry.key = k
+        entry.value = v if isinstance(v, str) else json.dumps(v)
+    m.producer_name = "edgeconv"
+    onnx.save(m, str(path))
+
+
+def ort_logits(path: Path, x: np.ndarray, batch_size: int = 64, providers: Optional[list] = None) -> np.ndarray:
+    """Run an ONNX file with ONNX Runtime over ``x`` in batches."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+    outs = [sess.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs).astype(np.float32)
