@@ -164,6 +164,22 @@ def format_manifest(m: dict) -> str:
     return "\n".join(lines)
 
 
+def _runtime_passthrough(command: str):
+    @cli.command(command, context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+                 help=f"Same as `edgeconv-runtime {command}` (torch-free runtime).")
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def passthrough(args) -> None:
+        from edgeconv_runtime.cli import main as runtime_main
+
+        runtime_main([command, *args])
+
+    return passthrough
+
+
+for _command in ("predict", "evaluate", "verify", "bench"):
+    _runtime_passthrough(_command)
+
+
 def main() -> None:
     cli(prog_name="edgeconv")
 

@@ -19,11 +19,10 @@ from typing import Optional
 import numpy as np
 
 from edgeconv_runtime.errors import EdgeconvError
-from edgeconv_runtime.preprocess import Preprocess, load_pixels
+from edgeconv_runtime.preprocess import IMAGE_EXTENSIONS, Preprocess, load_pixels
 
 log = logging.getLogger("edgeconv.data")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 VAL_DIR_NAMES = ("validation", "val")
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]

@@ -100,6 +100,7 @@ def export_run(req: ExportRequest):
         val_y=val.labels,
         calib_x=calib_x,
         reference_files=val.files or [],
+        reference_pixels=None if val.files else val.pixels[:16],
         source={
             "checkpoint": str(path.resolve()),
             "checkpoint_sha256": sha256_file(path),

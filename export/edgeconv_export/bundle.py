@@ -73,7 +73,8 @@ class ExportInputs:
     val_x: np.ndarray  # real validation images, preprocessed NCHW float32
     val_y: np.ndarray
     calib_x: Optional[np.ndarray] = None  # real training images for INT8, preprocessed
-    reference_files: list = field(default_factory=list)
+    reference_files: list = field(default_factory=list)  # source image file per val_x row, when from files
+    reference_pixels: Optional[np.ndarray] = None  # uint8 NHWC pixels per val_x row, when from arrays
     source: dict = field(default_factory=dict)
     calibration_source: Optional[str] = None
 
@@ -115,6 +116,27 @@ def _gate(precision: str, report: dict, fp32_accuracy: float, max_drop: float) -
             f"{precision} accuracy {100 * report['accuracy']:.2f} % is {drop:.2f} points below FP32 {100 * fp32_accuracy:.2f} % "
             f"(allowed {max_drop} by --max-accuracy-drop){hint}"
         )
+
+
+def _write_reference_images(folder: Path, inp: ExportInputs, k: int) -> list:
+    """The encoded images behind the reference tensors, so `verify` re-checks preprocessing too."""
+    import shutil
+
+    folder.mkdir()
+    names = []
+    if inp.reference_files:
+        for i, f in enumerate(inp.reference_files[:k]):
+            name = f"{i:03d}{Path(f).suffix.lower()}"
+            shutil.copyfile(f, folder / name)
+            names.append(f"reference/images/{name}")
+    elif inp.reference_pixels is not None:
+        from PIL import Image
+
+        for i, px in enumerate(inp.reference_pixels[:k]):
+            name = f"{i:03d}.png"
+            Image.fromarray(px[:, :, 0] if px.shape[2] == 1 else px).save(folder / name)
+            names.append(f"reference/images/{name}")
+    return names
 
 
 def export_bundle(inp: ExportInputs, out: str | Path, opts: ExportOptions) -> Manifest:
@@ -204,8 +226,9 @@ def export_bundle(inp: ExportInputs, out: str | Path, opts: ExportOptions) -> Ma
         np.save(ref_dir / "inputs.npy", inp.val_x[:k])
         np.save(ref_dir / "outputs.npy", ref_logits[:k])
         np.save(ref_dir / "labels.npy", inp.val_y[:k].astype(np.int64))
+        images = _write_reference_images(ref_dir / "images", inp, k)
         reference = {"inputs": "reference/inputs.npy", "outputs": "reference/outputs.npy", "labels": "reference/labels.npy",
-                     "n": k, "files": [str(f) for f in inp.reference_files[:k]]}
+                     "n": k, "images": images, "source_files": [str(f) for f in inp.reference_files[:k]]}
 
         manifest = Manifest(
             name=inp.name,

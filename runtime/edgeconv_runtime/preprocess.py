@@ -18,9 +18,11 @@ from PIL import Image, UnidentifiedImageError
 from .errors import EdgeconvError
 
 RESIZE_POLICIES = ("stretch", "shorter_center_crop")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+IMAGE_SOURCE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)
 
 
 @dataclass(frozen=True)
