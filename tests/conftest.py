@@ -61,3 +61,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def mnist_run(tmp_path_factory, mnist_test_dir) -> Path:
+    """A real chollet_mnist run: 2 epochs on mnist-5k, tested on the official t10k digits."""
+    from edgeconv.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("runs") / "mnist"
+    train(TrainConfig(data="mnist-5k", test_data=str(mnist_test_dir), model="chollet_mnist", out=str(out), epochs=2,
+                      optimizer="adam", lr=2e-3, progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def mnist_bundle(tmp_path_factory, mnist_run) -> Path:
+    """That run exported with FP32, FP16 and INT8 (calibrated on its real training digits)."""
+    from edgeconv.exporting import ExportRequest, export_run
+
+    out = tmp_path_factory.mktemp("bundles") / "mnist"
+    export_run(ExportRequest(checkpoint=str(mnist_run), out=str(out), precisions=("fp32", "fp16", "int8"), calib_size=200))
+    return out
+
+
+@pytest.fixture(scope="session")
+def rgb_bundle(tmp_path_factory, catsdogs_tiny) -> Path:
+    """A small RGB model (chollet_catsdogs at 64x64) trained 1 epoch on real cats/dogs, exported FP32."""
+    from edgeconv.exporting import ExportRequest, export_run
+    from edgeconv.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("runs") / "catsdogs"
+    train(TrainConfig(data=str(catsdogs_tiny), model="chollet_catsdogs", out=str(run), epochs=1, size=64, progress=False))
+    out = tmp_path_factory.mktemp("bundles") / "catsdogs"
+    export_run(ExportRequest(checkpoint=str(run), out=str(out)))
+    return out

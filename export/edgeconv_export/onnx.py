@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -24,19 +25,27 @@ def export_onnx(model, input_shape: tuple, path: Path, opset: int = DEFAULT_OPSE
     model = model.eval().cpu()
     dummy = torch.zeros(1, *input_shape)
     try:
-        torch.onnx.export(
-            model,
-            (dummy,),
-            str(path),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+        # The TorchScript exporter is deprecated in favour of torch.export (dynamo=True), which
+        # needs onnxscript; it still produces plain opset-17 graphs every runtime here accepts.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            _export(torch, model, dummy, path, opset)
     except Exception as exc:  # the exporter raises many types for unsupported ops/opsets
         raise EdgeconvError(f"ONNX export failed at opset {opset}: {str(exc).splitlines()[0][:200]}; try another --opset") from exc
+
+
+def _export(torch, model, dummy, path: Path, opset: int) -> None:
+    torch.onnx.export(
+        model,
+        (dummy,),
+        str(path),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        opset_version=opset,
+        do_constant_folding=True,
+        dynamo=False,
+    )
 
 
 def check_onnx(path: Path) -> None:
