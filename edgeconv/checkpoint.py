@@ -64,7 +64,10 @@ def model_from_checkpoint(ck: dict) -> tuple:
     m = ck["model"]
     pre = Preprocess.from_dict(ck["preprocess"])
     kwargs = dict(m.get("kwargs", {}))
-    kwargs.pop("pretrained", None)  # weights come from the checkpoint
+    from .models import get_model_entry
+
+    if get_model_entry(m["name"]).pretrained:
+        kwargs["pretrained"] = False  # the weights come from the checkpoint, not ImageNet
     model = create_model(m["name"], num_classes=len(ck["classes"]), in_channels=pre.channels, input_size=pre.size, **kwargs)
     model.load_state_dict(ck["state_dict"])
     model.eval()

@@ -78,6 +78,13 @@ def train_options(fn):
         click.option("--label-smoothing", type=float, default=0.0, show_default=True),
         click.option("--threads", type=int, default=None, help="torch CPU threads."),
         click.option("--force", is_flag=True, help="Overwrite a run directory that already holds a model."),
+        click.option("--strategy", type=click.Choice(["scratch", "feature-extract", "fine-tune"]), default=None,
+                     help="Pretrained backbones: feature-extract (default), fine-tune, or scratch (random weights)."),
+        click.option("--unfreeze", type=int, default=3, show_default=True, help="fine-tune: top blocks to unfreeze in phase 2."),
+        click.option("--head-epochs", type=int, default=10, show_default=True, help="fine-tune: phase 1 epochs (head only)."),
+        click.option("--fine-tune-lr", type=float, default=None, help="fine-tune: phase 2 learning rate (default --lr / 10)."),
+        click.option("--weights", type=click.Path(), default=None, help="Local ImageNet weights file for a backbone (offline use)."),
+        click.option("--export", "export_targets", default=None, help="Export after training, e.g. onnx,int8 (bundle in OUT/bundle)."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -87,10 +94,14 @@ def train_options(fn):
 @cli.command("train")
 @train_options
 @user_errors
-def train_cmd(model_name: str, **kw) -> None:
+def train_cmd(model_name: str, export_targets: str | None, **kw) -> None:
     """Train a model and write a run directory (model.pt, metrics.json, history, curves.png)."""
     from .train import TrainConfig, train
 
+    if export_targets:
+        from .exporting import parse_targets
+
+        targets = parse_targets(export_targets)  # refuse bad targets before training, not after
     result = train(TrainConfig(model=model_name, **kw))
     m = result.metrics
     test = f"{m['test_accuracy']:.4f}" if m["test_accuracy"] is not None else "n/a"
@@ -100,6 +111,11 @@ def train_cmd(model_name: str, **kw) -> None:
     )
     if m["interrupted"]:
         sys.exit(130)
+    if export_targets:
+        from .exporting import ExportRequest, export_run
+
+        manifest = export_run(ExportRequest(checkpoint=str(result.out), out=str(result.out / "bundle"), formats=targets[0], precisions=targets[1], force=True))
+        click.echo(format_manifest(manifest.to_dict()))
 
 
 @cli.command("demo")

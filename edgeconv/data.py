@@ -171,6 +171,7 @@ def inspect_source(spec: str) -> SourceInfo:
         raise EdgeconvError(f"data path not found: {spec}; pass an image-folder root, an IDX directory, or one of {', '.join(BUILTIN)}")
     if path.is_file():
         raise EdgeconvError(f"data path {spec} is a file; pass the directory that holds the split folders or IDX files")
+    path = path.resolve()
     idx = _idx_splits(path)
     if idx:
         classes = FASHION_MNIST_CLASSES if "fashion" in str(path).lower() else DIGIT_CLASSES

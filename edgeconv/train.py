@@ -58,6 +58,11 @@ class TrainConfig:
     threads: Optional[int] = None
     progress: bool = True
     force: bool = False
+    strategy: Optional[str] = None  # scratch | feature-extract | fine-tune (pretrained backbones)
+    unfreeze: int = 3  # fine-tune: top blocks to unfreeze
+    head_epochs: int = 10  # fine-tune: phase 1 (head only) epochs
+    fine_tune_lr: Optional[float] = None  # fine-tune: phase 2 learning rate (default lr / 10)
+    weights: Optional[str] = None  # local ImageNet weights file for a backbone
 
     def resolved(self) -> "TrainConfig":
         entry = get_model_entry(self.model)
@@ -70,6 +75,13 @@ class TrainConfig:
             c.augment_preset = d.get("augment_preset", "book")
         if not c.augment:
             c.augment_preset = None
+        c.strategy = c.strategy or ("feature-extract" if entry.pretrained else "scratch")
+        from .transfer import STRATEGIES
+
+        if c.strategy not in STRATEGIES:
+            raise EdgeconvError(f"unknown --strategy {c.strategy!r}; use one of {', '.join(STRATEGIES)}")
+        if c.strategy != "scratch" and not entry.pretrained:
+            raise EdgeconvError(f"{c.model} has no pretrained weights; --strategy {c.strategy} needs a backbone such as efficientnet_lite0")
         if c.optimizer not in OPTIMIZERS:
             raise EdgeconvError(f"unknown optimizer {c.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
         if c.lr_schedule not in SCHEDULES:
@@ -248,6 +260,90 @@ def build_preprocess(model_name: str, info, size: Optional[int]) -> Preprocess:
     return Preprocess(size=hw, channels=ch, resize=p.get("resize", "stretch"), crop_pct=p.get("crop_pct", 0.875), scale=p.get("scale", 1 / 255), mean=mean, std=std)
 
 
+@dataclass
+class Fitted:
+    history: list
+    best: dict
+    train_seconds: float
+    images_seen: int
+    interrupted: bool
+    stopped_early: bool
+
+
+def fit(forward, set_train, optimizer, scheduler, loss_fn, train_loader, evaluate_val, epochs: int, patience: Optional[int],
+        on_improve, on_epoch=None, progress: bool = True, first_epoch: int = 1, label: str = "epoch") -> Fitted:
+    """The epoch loop shared by every strategy: train steps, validation, best-epoch tracking,
+    early stopping on validation loss, progress bar; Ctrl-C stops it and keeps the best so far.
+
+    ``forward`` maps a batch to logits (a whole model, or a frozen base's features into a head);
+    ``on_improve(epoch, val)`` saves the best weights; ``on_epoch(history)`` persists the history.
+    """
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    history: list = []
+    best = {"val_loss": math.inf, "epoch": 0}
+    bad_epochs, train_seconds, images_seen = 0, 0.0, 0
+    interrupted = stopped_early = False
+    last = first_epoch + epochs - 1
+    try:
+        for epoch in range(first_epoch, last + 1):
+            train_loader.set_epoch(epoch)
+            set_train()
+            te = time.perf_counter()
+            loss_sum, correct, seen = 0.0, 0, 0
+            bar = tqdm(total=len(train_loader), desc=f"{label} {epoch}/{last}", leave=False, disable=None if progress else True) if tqdm else None
+            for x, y in train_loader:
+                optimizer.zero_grad(set_to_none=True)
+                logits = forward(x)
+                loss = loss_fn(logits, y)
+                loss.backward()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                n = len(y)
+                loss_sum += float(loss.detach()) * n
+                correct += int((logits.detach().argmax(1) == y).sum())
+                seen += n
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+            if bar is not None:
+                bar.close()
+            epoch_train = time.perf_counter() - te
+            train_seconds += epoch_train
+            images_seen += seen
+            v = evaluate_val()
+            row = {
+                "epoch": epoch,
+                "train_loss": round(loss_sum / seen, 6),
+                "train_acc": round(correct / seen, 6),
+                "val_loss": round(v["loss"], 6),
+                "val_acc": round(v["accuracy"], 6),
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": round(time.perf_counter() - te, 3),
+                "train_images_per_second": round(seen / epoch_train, 1),
+            }
+            history.append(row)
+            if v["loss"] < best["val_loss"]:
+                best = {"val_loss": v["loss"], "val_accuracy": v["accuracy"], "epoch": epoch}
+                bad_epochs = 0
+                on_improve(epoch, v)
+            else:
+                bad_epochs += 1
+            if on_epoch is not None:
+                on_epoch(history)
+            log.info("%s %d/%d %s", label, epoch, last, {k: row[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")})
+            if patience is not None and bad_epochs >= patience:
+                stopped_early = True
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        log.warning("interrupted: keeping the best checkpoint so far (epoch %s)", best["epoch"])
+    return Fitted(history, best, train_seconds, images_seen, interrupted, stopped_early)
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -289,6 +385,11 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> RunResult:
         kwargs["downsample"] = cfg.downsample
     if cfg.dropout is not None:
         kwargs["dropout"] = cfg.dropout
+    transfer = cfg.strategy in ("feature-extract", "fine-tune")
+    if entry.pretrained:
+        kwargs["pretrained"] = transfer
+        if cfg.weights:
+            kwargs["weights"] = cfg.weights
     seed_everything(cfg.seed)
     model = create_model(cfg.model, num_classes=dataset.num_classes, in_channels=pre.channels, input_size=pre.size, **kwargs)
     n_params = count_parameters(model)
@@ -306,7 +407,8 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> RunResult:
     eval_loss = nn.CrossEntropyLoss()
 
     meta = {
-        "model": {"name": cfg.model, "kwargs": kwargs, "parameters": n_params},
+        "model": {"name": cfg.model, "kwargs": {k: v for k, v in kwargs.items() if k not in ("weights", "pretrained")}, "parameters": n_params},
+        "strategy": cfg.strategy,
         "classes": list(dataset.classes),
         "preprocess": pre.to_dict(),
         "data": {k: v for k, v in dataset.describe().items() if k != "class_counts"} | {"val_fraction": cfg.val_fraction, "seed": cfg.seed},
@@ -314,70 +416,34 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> RunResult:
         "versions": ckpt.library_versions(),
     }
 
-    history: list = []
-    best = {"val_loss": math.inf, "epoch": 0}
-    bad_epochs = 0
-    train_seconds = 0.0
-    images_seen = 0
-    interrupted = stopped_early = False
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
+    transfer_stats: dict = {}
+    if transfer:
+        from .transfer import train_transfer
 
-    try:
-        for epoch in range(1, cfg.epochs + 1):
-            train_loader.set_epoch(epoch)
-            model.train()
-            te = time.perf_counter()
-            loss_sum, correct, seen = 0.0, 0, 0
-            bar = tqdm(total=len(train_loader), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None if cfg.progress else True) if tqdm else None
-            for x, y in train_loader:
-                optimizer.zero_grad(set_to_none=True)
-                logits = model(x)
-                loss = loss_fn(logits, y)
-                loss.backward()
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                n = len(y)
-                loss_sum += float(loss.detach()) * n
-                correct += int((logits.argmax(1) == y).sum())
-                seen += n
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
-            if bar is not None:
-                bar.close()
-            epoch_train = time.perf_counter() - te
-            train_seconds += epoch_train
-            images_seen += seen
-            v = evaluate(model, val_loader, eval_loss)
-            row = {
-                "epoch": epoch,
-                "train_loss": round(loss_sum / seen, 6),
-                "train_acc": round(correct / seen, 6),
-                "val_loss": round(v["loss"], 6),
-                "val_acc": round(v["accuracy"], 6),
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": round(time.perf_counter() - te, 3),
-                "train_images_per_second": round(seen / epoch_train, 1),
-            }
-            history.append(row)
-            if v["loss"] < best["val_loss"]:
-                best = {"val_loss": v["loss"], "val_accuracy": v["accuracy"], "epoch": epoch}
-                bad_epochs = 0
-                ckpt.save_checkpoint(out / ckpt.CHECKPOINT_NAME, model, {**meta, "epoch": epoch, "val_accuracy": v["accuracy"], "val_loss": v["loss"]})
-            else:
-                bad_epochs += 1
-            write_history(out, history)
-            log.info("epoch %d/%d %s", epoch, cfg.epochs, {k: row[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")})
-            if cfg.patience is not None and bad_epochs >= cfg.patience:
-                stopped_early = True
-                break
-    except KeyboardInterrupt:
-        interrupted = True
-        log.warning("interrupted: keeping the best checkpoint so far (epoch %s)", best["epoch"])
+        res = train_transfer(cfg, dataset, model, out, meta, loss_fn, eval_loss)
+        history, best, transfer_test = res.pop("history"), res.pop("best"), res.pop("test")
+        train_seconds, images_seen = res.pop("train_seconds"), res.pop("images_seen")
+        interrupted, stopped_early = res.pop("interrupted"), res.pop("stopped_early")
+        transfer_stats = res
+        write_history(out, history)
+    else:
+        fitted = fit(
+            forward=model,
+            set_train=lambda: model.train(),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_fn=loss_fn,
+            train_loader=train_loader,
+            evaluate_val=lambda: evaluate(model, val_loader, eval_loss),
+            epochs=cfg.epochs,
+            patience=cfg.patience,
+            on_improve=lambda epoch, v: ckpt.save_checkpoint(out / ckpt.CHECKPOINT_NAME, model, {**meta, "epoch": epoch, "val_accuracy": v["accuracy"], "val_loss": v["loss"]}),
+            on_epoch=lambda history: write_history(out, history),
+            progress=cfg.progress,
+        )
+        history, best = fitted.history, fitted.best
+        train_seconds, images_seen = fitted.train_seconds, fitted.images_seen
+        interrupted, stopped_early = fitted.interrupted, fitted.stopped_early
 
     if not history or best["epoch"] == 0:
         raise EdgeconvError("training was interrupted before the first epoch finished; nothing was saved")
@@ -385,7 +451,12 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> RunResult:
     # Final figures come from the best epoch's weights, reloaded from the file we ship.
     best_ck = ckpt.load_checkpoint(out / ckpt.CHECKPOINT_NAME)
     model.load_state_dict(best_ck["state_dict"])
-    test = evaluate(model, test_loader, eval_loss) if test_loader is not None else None
+    if test_loader is None:
+        test = None
+    elif transfer:
+        test = transfer_test
+    else:
+        test = evaluate(model, test_loader, eval_loss)
     metrics = {
         "model": cfg.model,
         "parameters": n_params,
@@ -403,6 +474,8 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> RunResult:
         "sizes": {"train": len(dataset.train), "val": len(dataset.val), "test": len(dataset.test) if dataset.test is not None else 0},
         "skipped_images": dataset.skipped,
         "seed": cfg.seed,
+        "strategy": cfg.strategy,
+        **({"transfer": transfer_stats} if transfer_stats else {}),
     }
     best_ck.update({"test_accuracy": metrics["test_accuracy"], "metrics": metrics})
     ckpt.save_checkpoint(out / ckpt.CHECKPOINT_NAME, model, {k: v for k, v in best_ck.items() if k not in ("state_dict", "format", "version")})

@@ -29,6 +29,7 @@ def export_onnx(model, input_shape: tuple, path: Path, opset: int = DEFAULT_OPSE
         # needs onnxscript; it still produces plain opset-17 graphs every runtime here accepts.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)  # constant-folding notes from the tracer
             _export(torch, model, dummy, path, opset)
     except Exception as exc:  # the exporter raises many types for unsupported ops/opsets
         raise EdgeconvError(f"ONNX export failed at opset {opset}: {str(exc).splitlines()[0][:200]}; try another --opset") from exc

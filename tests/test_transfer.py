@@ -1,0 +1,125 @@
+import json
+import socket
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+
+from edgeconv.models import create_model, get_model_entry
+from edgeconv.models.efficientnet_lite import WEIGHTS, weights_path
+from edgeconv.train import TrainConfig, build_preprocess, train
+from edgeconv.data import inspect_source, load_dataset
+from edgeconv_runtime.errors import EdgeconvError
+from edgeconv_runtime.fileio import sha256_file
+from edgeconv_runtime.preprocess import Preprocess, preprocess_images
+
+
+@pytest.fixture(scope="module")
+def lite0_imagenet():
+    return create_model("efficientnet_lite0", num_classes=1000, in_channels=3, input_size=(224, 224)).eval()
+
+
+def test_packaged_weights_are_the_published_file():
+    assert sha256_file(weights_path("efficientnet_lite0")) == WEIGHTS["efficientnet_lite0"][3]
+
+
+def test_lite0_reproduces_imagenet_classes_on_real_photos(lite0_imagenet):
+    entry = get_model_entry("efficientnet_lite0")
+    pre = Preprocess(size=(224, 224), channels=3, **{k: v for k, v in entry.preprocess.items() if k != "channels"})
+    x = preprocess_images([skimage.data.chelsea(), skimage.data.coffee()], pre)
+    with torch.no_grad():
+        top1 = lite0_imagenet(torch.from_numpy(x)).argmax(1).tolist()
+    assert top1 == [285, 967]  # Egyptian cat, espresso
+
+
+def test_fast_feature_extraction_on_a_real_subset_beats_chance(tmp_path, catsdogs_tiny):
+    res = train(TrainConfig(data=str(catsdogs_tiny), model="efficientnet_lite0", strategy="feature-extract", epochs=15,
+                            out=str(tmp_path / "fe"), progress=False))
+    m = res.metrics
+    assert m["test_accuracy"] >= 0.85  # 32 real test photos; chance is 0.5
+    assert m["transfer"]["feature_images_per_second"] > 0
+    ck = torch.load(tmp_path / "fe" / "model.pt", weights_only=True)
+    assert ck["strategy"] == "feature-extract" and ck["preprocess"]["resize"] == "shorter_center_crop"
+    # one ordinary checkpoint: base + head, rebuilt without ImageNet weights and agreeing with the metrics
+    from edgeconv.checkpoint import load_checkpoint, model_from_checkpoint
+
+    model, pre = model_from_checkpoint(load_checkpoint(tmp_path / "fe"))
+    ds = load_dataset(str(catsdogs_tiny), pre)
+    x = preprocess_images(ds.test.files, pre)
+    with torch.no_grad():
+        acc = (model(torch.from_numpy(x)).argmax(1).numpy() == ds.test.labels).mean()
+    assert acc == pytest.approx(m["test_accuracy"], abs=1 / 32 + 1e-9)
+
+
+def test_fine_tune_freezes_what_it_should(catsdogs_tiny):
+    """After a fine-tune step: the prefix and all batch-norm statistics are unchanged, the top blocks changed."""
+    from edgeconv.transfer import _freeze_batchnorm
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", num_classes=2, in_channels=3, input_size=(96, 96))
+    prefix, suffix, trainable = model.split(2)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable + list(model._fc.parameters()):
+        p.requires_grad_(True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    _freeze_batchnorm(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(4, 3, 96, 96)
+    loss = torch.nn.functional.cross_entropy(suffix(prefix(x)), torch.tensor([0, 1, 0, 1]))
+    loss.backward()
+    opt.step()
+    after = model.state_dict()
+    n = len(model._blocks)
+    for k in before:
+        changed = not torch.equal(before[k], after[k])
+        if "running_" in k or "num_batches" in k:
+            assert not changed, f"batch-norm statistic {k} moved"
+        elif k.startswith("_blocks.") and int(k.split(".")[1]) < n - 2:
+            assert not changed, f"frozen parameter {k} changed"
+        elif k.startswith(("_conv_stem", "_bn0")):
+            assert not changed, k
+    assert not torch.equal(before["_fc.weight"], after["_fc.weight"])
+    for b in (n - 2, n - 1):  # the unfrozen blocks did change
+        for name in ("_expand_conv.weight", "_depthwise_conv.weight", "_project_conv.weight"):
+            assert not torch.equal(before[f"_blocks.{b}.{name}"], after[f"_blocks.{b}.{name}"]), (b, name)
+
+
+def test_fine_tune_strategy_runs_both_phases(tmp_path, catsdogs_tiny):
+    res = train(TrainConfig(data=str(catsdogs_tiny), model="efficientnet_lite0", strategy="fine-tune", head_epochs=3, epochs=2,
+                            unfreeze=2, out=str(tmp_path / "ft"), size=128, progress=False))
+    phases = [h["phase"] for h in res.history]
+    assert phases == ["head"] * 3 + ["fine-tune"] * 2
+    assert [h["epoch"] for h in res.history] == [1, 2, 3, 4, 5]
+    assert res.metrics["transfer"]["unfrozen_blocks"] == 2 and res.metrics["test_accuracy"] > 0.5
+
+
+def test_torchvision_backbone_offline_is_one_line_error(monkeypatch, tmp_path):
+    def no_network(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached download to fall back on
+    with pytest.raises(EdgeconvError, match=r"cannot download ImageNet weights for resnet18 \(offline\?.*--weights PATH.*resnet18-f37072fd\.pth"):
+        create_model("resnet18", num_classes=2, in_channels=3, input_size=(224, 224))
+
+
+def test_torchvision_backbone_from_local_weights_file(tmp_path):
+    import torchvision
+
+    ref = torchvision.models.mobilenet_v3_small()
+    torch.save(ref.state_dict(), tmp_path / "w.pth")
+    model = create_model("mobilenet_v3_small", num_classes=3, in_channels=3, input_size=(224, 224), weights=str(tmp_path / "w.pth")).eval()
+    assert torch.equal(model.stem[0].weight, ref.features[0][0].weight)
+    assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 3)
+    with pytest.raises(EdgeconvError, match="--weights file not found"):
+        create_model("resnet18", 2, 3, (224, 224), weights=str(tmp_path / "none.pth"))
+
+
+def test_strategy_errors():
+    with pytest.raises(EdgeconvError, match="has no pretrained weights"):
+        TrainConfig(data="mnist-5k", model="chollet_mnist", out="x", strategy="fine-tune").resolved()
+    with pytest.raises(EdgeconvError, match="takes RGB images"):
+        create_model("efficientnet_lite0", 10, 1, (224, 224))
