@@ -84,6 +84,8 @@ def train_options(fn):
         click.option("--head-epochs", type=int, default=10, show_default=True, help="fine-tune: phase 1 epochs (head only)."),
         click.option("--fine-tune-lr", type=float, default=None, help="fine-tune: phase 2 learning rate (default --lr / 10)."),
         click.option("--weights", type=click.Path(), default=None, help="Local ImageNet weights file for a backbone (offline use)."),
+        click.option("--channels-last/--no-channels-last", default=True, show_default=True, help="NHWC layout for RGB models (faster CPU convolutions)."),
+        click.option("--bf16", is_flag=True, help="bfloat16 autocast in training where the CPU supports it (avx512_bf16/amx)."),
         click.option("--export", "export_targets", default=None, help="Export after training, e.g. onnx,int8 (bundle in OUT/bundle)."),
     ]
     for o in reversed(opts):
@@ -122,9 +124,15 @@ def train_cmd(model_name: str, export_targets: str | None, **kw) -> None:
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--epochs", type=int, default=30, show_default=True)
 @click.option("--test-data", default=None, help="Default: ../shared/data/mnist when present, else a split carved from mnist-5k.")
+@click.option("--json", "json_path", default=None, type=click.Path(), help="Also write the summary rows as JSON.")
 @user_errors
-def demo_cmd(out: str, epochs: int, test_data: str | None) -> None:
-    """The main job on its embedded default: chollet_mnist on mnist-5k."""
+def demo_cmd(out: str, epochs: int, test_data: str | None, json_path: str | None) -> None:
+    """The main job on its embedded default: chollet_mnist on mnist-5k, trained, exported
+    (FP32 + INT8), verified and benchmarked against PyTorch eager."""
+    from edgeconv_runtime.fileio import atomic_write_json
+
+    from .exporting import ExportRequest, export_run
+    from .pipeline import evaluation_split, runtime_rows, summary_table, torch_eager_row
     from .train import TrainConfig, train
 
     if test_data is None:
@@ -132,14 +140,32 @@ def demo_cmd(out: str, epochs: int, test_data: str | None) -> None:
             if cand.is_dir():
                 test_data = str(cand)
                 break
+    click.echo(f"[1/4] train chollet_mnist on mnist-5k ({epochs} epochs), test on {test_data or 'a carved split'}")
     cfg = TrainConfig(
         data="mnist-5k", model="chollet_mnist", out=out, epochs=epochs, test_data=test_data,
         optimizer="adam", lr=2e-3, lr_schedule="cosine", batch_size=64, augment=True, augment_preset="digits", dropout=0.25, force=True,
     )
     result = train(cfg)
     m = result.metrics
-    click.echo(json.dumps({k: m[k] for k in ("model", "parameters", "test_accuracy", "val_accuracy", "epochs_run", "train_seconds", "train_images_per_second")}, indent=2))
-    click.echo(f"run directory: {result.out}")
+    click.echo(f"      test_accuracy {m['test_accuracy']}  val_accuracy {m['val_accuracy']:.4f}  {m['train_seconds']:.1f} s  {m['train_images_per_second']:.0f} img/s")
+    bundle = Path(out) / "bundle"
+    click.echo(f"[2/4] export FP32 + INT8 -> {bundle}")
+    manifest = export_run(ExportRequest(checkpoint=out, out=str(bundle), precisions=("fp32", "int8"), force=True))
+    click.echo(format_manifest(manifest.to_dict()))
+    x, y, split = evaluation_split(Path(out))
+    click.echo(f"[3/4] verify + [4/4] bench on this machine ({len(y)} {split} images for accuracy)")
+    rows = torch_eager_row(Path(out), x, y)
+    for precision in ("fp32", "int8"):
+        r, v = runtime_rows(bundle, precision, x, y)
+        rows += r
+        click.echo(f"      verify {precision}: {'OK' if v['ok'] else 'FAILED'} (max|diff| {v['max_abs_diff']:.2e}, top-1 agreement {v['top1_agreement']:.3f})")
+    click.echo("")
+    click.echo(summary_table(rows))
+    if json_path:
+        atomic_write_json(json_path, {"train": m, "rows": rows})
+    click.echo(f"\nrun directory: {out}   bundle: {bundle}")
+    if not all(r.get("verify", "ok") == "ok" for r in rows):
+        sys.exit(1)
 
 
 @cli.command("export")

@@ -63,6 +63,8 @@ class TrainConfig:
     head_epochs: int = 10  # fine-tune: phase 1 (head only) epochs
     fine_tune_lr: Optional[float] = None  # fine-tune: phase 2 learning rate (default lr / 10)
     weights: Optional[str] = None  # local ImageNet weights file for a backbone
+    channels_last: bool = True  # NHWC memory layout: oneDNN's fast path for CPU convolutions
+    bf16: bool = False  # bfloat16 autocast for forward/backward where the CPU has bf16 instructions
 
     def resolved(self) -> "TrainConfig":
         entry = get_model_entry(self.model)
@@ -157,6 +159,14 @@ class InMemoryLoader:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def seed_everything(seed: int) -> None:
@@ -271,7 +281,7 @@ class Fitted:
 
 
 def fit(forward, set_train, optimizer, scheduler, loss_fn, train_loader, evaluate_val, epochs: int, patience: Optional[int],
-        on_improve, on_epoch=None, progress: bool = True, first_epoch: int = 1, label: str = "epoch") -> Fitted:
+        on_improve, on_epoch=None, progress: bool = True, first_epoch: int = 1, label: str = "epoch", bf16: bool = False) -> Fitted:
     """The epoch loop shared by every strategy: train steps, validation, best-epoch tracking,
     early stopping on validation loss, progress bar; Ctrl-C stops it and keeps the best so far.
 
@@ -296,8 +306,9 @@ def fit(forward, set_train, optimizer, scheduler, loss_fn, train_loader, evaluat
             bar = tqdm(total=len(train_loader), desc=f"{label} {epoch}/{last}", leave=False, disable=None if progress else True) if tqdm else None
             for x, y in train_loader:
                 optimizer.zero_grad(set_to_none=True)
-                logits = forward(x)
-                loss = loss_fn(logits, y)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    logits = forward(x)
+                loss = loss_fn(logits.float(), y)
                 loss.backward()
                 optimizer.step()
                 if scheduler is not None:
@@ -395,10 +406,16 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> RunResult:
     n_params = count_parameters(model)
 
     augment = build_augmentation(cfg.augment_preset)
-    train_loader = InMemoryLoader(dataset.train, pre, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment)
+    bf16 = cfg.bf16 and cpu_has_bf16()
+    if cfg.bf16 and not bf16:
+        log.warning("--bf16 ignored: this CPU has no bfloat16 instructions (avx512_bf16 / amx_bf16)")
+    cl = cfg.channels_last and pre.channels == 3  # a 1-channel NHWC tensor gains nothing
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    train_loader = InMemoryLoader(dataset.train, pre, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment, channels_last=cl)
     eval_bs = max(cfg.batch_size, 256)
-    val_loader = InMemoryLoader(dataset.val, pre, eval_bs)
-    test_loader = InMemoryLoader(dataset.test, pre, eval_bs) if dataset.test is not None else None
+    val_loader = InMemoryLoader(dataset.val, pre, eval_bs, channels_last=cl)
+    test_loader = InMemoryLoader(dataset.test, pre, eval_bs, channels_last=cl) if dataset.test is not None else None
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
@@ -440,6 +457,7 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> RunResult:
             on_improve=lambda epoch, v: ckpt.save_checkpoint(out / ckpt.CHECKPOINT_NAME, model, {**meta, "epoch": epoch, "val_accuracy": v["accuracy"], "val_loss": v["loss"]}),
             on_epoch=lambda history: write_history(out, history),
             progress=cfg.progress,
+            bf16=bf16,
         )
         history, best = fitted.history, fitted.best
         train_seconds, images_seen = fitted.train_seconds, fitted.images_seen
