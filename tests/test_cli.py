@@ -40,3 +40,31 @@ def test_train_command_end_to_end(tmp_path, mnist_test_dir):
     assert r.returncode == 0, r.stderr
     assert "test_accuracy 0.9" in r.stdout  # one epoch on 4,500 digits already beats 90 %
     assert (out / "metrics.json").is_file()
+
+
+def test_train_then_export_in_one_command(tmp_path, mnist_test_dir):
+    out = tmp_path / "te"
+    r = edgeconv("train", "--data", "mnist-5k", "--test-data", str(mnist_test_dir), "--model", "chollet_mnist", "--epochs", "1",
+                 "--out", str(out), "--export", "onnx,int8", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (out / "bundle" / "model.onnx").is_file() and (out / "bundle" / "model.int8.onnx").is_file()
+    assert "model.int8.onnx" in r.stdout
+
+
+def test_export_target_typo_is_refused_before_training(tmp_path):
+    r = edgeconv("train", "--data", "mnist-5k", "--model", "chollet_mnist", "--epochs", "1", "--out", str(tmp_path / "t"), "--export", "onnx,int9")
+    assert r.returncode == 2 and "unknown export target 'int9'" in r.stderr
+    assert not (tmp_path / "t" / "model.pt").exists()
+
+
+def test_main_job_demo_chain(tmp_path, mnist_test_dir):
+    """`make demo`'s command, shortened to one epoch: train -> export -> verify -> bench, one table."""
+    out = tmp_path / "demo"
+    r = edgeconv("demo", "--epochs", "1", "--out", str(out), "--test-data", str(mnist_test_dir), "--json", str(tmp_path / "demo.json"), timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "verify fp32: OK" in r.stdout and "verify int8: OK" in r.stdout
+    import json
+
+    rows = json.loads((tmp_path / "demo.json").read_text())["rows"]
+    assert {(x["backend"], x["precision"]) for x in rows} == {("pytorch-eager", "fp32"), ("onnxruntime-cpu", "fp32"), ("onnxruntime-cpu", "int8")}
+    assert all(x["accuracy"] > 0.8 and x["p50_ms"] > 0 for x in rows), rows  # one augmented epoch; chance is 0.1

@@ -138,3 +138,10 @@ def test_fingerprint_changes_with_content(tmp_path, catsdogs_tiny):
     f.write_bytes(sorted((root / "train" / "dogs").iterdir())[0].read_bytes())
     b = load_dataset(str(root), Preprocess(size=(32, 32))).fingerprint
     assert a != b and len(a) == 64
+
+
+def test_relative_paths_resolve(monkeypatch, catsdogs_tiny):
+    monkeypatch.chdir(catsdogs_tiny.parent)
+    info = inspect_source(catsdogs_tiny.name)
+    ds = load_dataset(catsdogs_tiny.name, Preprocess(size=(32, 32)), info=info)
+    assert Path(ds.source).is_absolute() and len(ds.fingerprint) == 64

@@ -1,0 +1,203 @@
+"""Runtime speed bars, measured as ratios in one run on this machine.
+
+- runtime overhead: ``Model.run`` vs a bare ``onnxruntime.InferenceSession.run`` (same file,
+  same session options, same input), batch 1: <= 5 % on efficientnet_lite0, <= 5 us on chollet_mnist;
+- ONNX Runtime FP32 vs PyTorch eager at batch 1: >= 3.5x (lite0), >= 4x (mnist);
+  INT8 vs FP32: >= 2x on lite0 (AVX-512 VNNI), reported honestly for mnist;
+- end-to-end from JPEG bytes (decode + preprocess + infer + softmax) vs model-only, lite0 FP32
+  batch 1: <= 1.5x;
+- cold start (fresh process: import, load bundle, predict one image) and its peak RSS.
+
+    python benchmarks/backends.py --lite0-bundle B1 --mnist-bundle B2 [--lite0-run R1 --mnist-run R2]
+
+Without bundles it trains and exports small ones first (minutes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SHARED, table, write_json  # noqa: E402
+
+from edgeconv_runtime import Model  # noqa: E402
+from edgeconv_runtime.bench import environment  # noqa: E402
+
+
+def per_call(fn, calls: int) -> float:
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t) / calls
+
+
+def interleaved(fns: dict, calls: int, rounds: int) -> dict:
+    """Median per-call seconds of each fn, measured in alternating blocks so noise hits all alike."""
+    for fn in fns.values():
+        per_call(fn, max(3, calls // 5))
+    samples = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            samples[k].append(per_call(fn, calls))
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def bare_session(model: Model):
+    """A plain InferenceSession with the runtime's own session options."""
+    import onnxruntime as ort
+
+    sess = model.backend.session
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = model.backend.threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(model.artifact), so, providers=["CPUExecutionProvider"]), sess.get_inputs()[0].name
+
+
+def torch_model(run_dir: str):
+    import torch
+
+    from edgeconv.checkpoint import load_checkpoint, model_from_checkpoint
+
+    torch.set_num_threads(2)
+    m, _ = model_from_checkpoint(load_checkpoint(run_dir))
+    return m
+
+
+def cold_start(bundle: str, image: str) -> dict:
+    code = (
+        "import time, resource; t = time.perf_counter()\n"
+        "from edgeconv_runtime import Model\n"
+        f"m = Model.load({bundle!r}); p = m.predict({image!r})\n"
+        "dt = time.perf_counter() - t\n"
+        "import sys; assert 'torch' not in sys.modules\n"
+        "print(dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    )
+    runs = []
+    for _ in range(5):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        runs.append((float(out[0]), float(out[1])))
+    return {"cold_start_s_median": statistics.median(r[0] for r in runs), "peak_rss_mb_median": statistics.median(r[1] for r in runs)}
+
+
+def cold_start_torch(run_dir: str, image: str) -> dict:
+    code = (
+        "import time, resource; t = time.perf_counter()\n"
+        "import torch\n"
+        "from edgeconv.checkpoint import load_checkpoint, model_from_checkpoint\n"
+        "from edgeconv_runtime.preprocess import preprocess_images\n"
+        f"m, pre = model_from_checkpoint(load_checkpoint({run_dir!r}))\n"
+        f"x = torch.from_numpy(preprocess_images([{image!r}], pre))\n"
+        "with torch.inference_mode(): m(x).softmax(1)\n"
+        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    )
+    runs = []
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        runs.append((float(out[0]), float(out[1])))
+    return {"cold_start_s_median": statistics.median(r[0] for r in runs), "peak_rss_mb_median": statistics.median(r[1] for r in runs)}
+
+
+def make_bundles(work: Path) -> dict:
+    """Train and export small real models when none are given."""
+    from edgeconv.exporting import ExportRequest, export_run
+    from edgeconv.train import TrainConfig, train
+
+    out = {}
+    train(TrainConfig(data="mnist-5k", test_data=str(SHARED / "mnist"), model="chollet_mnist", epochs=3, optimizer="adam", lr=2e-3,
+                      out=str(work / "mnist_run"), force=True, progress=False))
+    export_run(ExportRequest(checkpoint=str(work / "mnist_run"), out=str(work / "mnist_bundle"), precisions=("fp32", "int8"), force=True))
+    train(TrainConfig(data=str(SHARED / "cats_and_dogs_small"), model="efficientnet_lite0", strategy="feature-extract", epochs=10,
+                      out=str(work / "lite0_run"), force=True, progress=False))
+    export_run(ExportRequest(checkpoint=str(work / "lite0_run"), out=str(work / "lite0_bundle"), precisions=("fp32", "int8"), force=True))
+    out.update(mnist_bundle=work / "mnist_bundle", mnist_run=work / "mnist_run", lite0_bundle=work / "lite0_bundle", lite0_run=work / "lite0_run")
+    return {k: str(v) for k, v in out.items()}
+
+
+def measure(name: str, bundle: str, run_dir: str, calls: int, rounds: int) -> dict:
+    import torch
+
+    ref = json.loads((Path(bundle) / "manifest.json").read_text())["reference"]
+    x1 = np.load(Path(bundle) / ref["inputs"])[:1].astype(np.float32)
+    jpeg = (Path(bundle) / ref["images"][0]).read_bytes()
+    fp32 = Model.load(bundle, precision="fp32")
+    int8 = Model.load(bundle, precision="int8")
+    sess, in_name = bare_session(fp32)
+    tm = torch_model(run_dir)
+    xt = torch.from_numpy(x1)
+
+    def eager():
+        with torch.inference_mode():
+            return tm(xt)
+
+    t = interleaved({
+        "bare_session": lambda: sess.run(None, {in_name: x1}),
+        "model_run_fp32": lambda: fp32.run(x1),
+        "model_run_int8": lambda: int8.run(x1),
+        "pytorch_eager": eager,
+        "end_to_end_fp32": lambda: fp32.predict(jpeg, top_k=1),
+    }, calls, rounds)
+    us = {k: v * 1e6 for k, v in t.items()}
+    return {
+        "model": name,
+        "threads": fp32.backend.threads,
+        "times_us": us,
+        "overhead_ratio": us["model_run_fp32"] / us["bare_session"],
+        "overhead_us": us["model_run_fp32"] - us["bare_session"],
+        "ort_fp32_vs_eager_speedup": us["pytorch_eager"] / us["model_run_fp32"],
+        "int8_vs_fp32_speedup": us["model_run_fp32"] / us["model_run_int8"],
+        "end_to_end_over_model_only": us["end_to_end_fp32"] / us["model_run_fp32"],
+        "cold_start": cold_start(bundle, str(Path(bundle) / ref["images"][0])),
+        "cold_start_pytorch": cold_start_torch(run_dir, str(Path(bundle) / ref["images"][0])),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lite0-bundle")
+    ap.add_argument("--lite0-run")
+    ap.add_argument("--mnist-bundle")
+    ap.add_argument("--mnist-run")
+    ap.add_argument("--work", default="/tmp/edgeconv-bench-backends")
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args()
+    paths = {k: getattr(args, k) for k in ("lite0_bundle", "lite0_run", "mnist_bundle", "mnist_run")}
+    if not all(paths.values()):
+        paths = make_bundles(Path(args.work))
+    results = [
+        measure("chollet_mnist", paths["mnist_bundle"], paths["mnist_run"], calls=2000, rounds=args.rounds),
+        measure("efficientnet_lite0", paths["lite0_bundle"], paths["lite0_run"], calls=60, rounds=args.rounds),
+    ]
+    targets = {"chollet_mnist": {"overhead_us": 5, "ort_fp32_vs_eager_speedup": 4.0},
+               "efficientnet_lite0": {"overhead_ratio": 1.05, "ort_fp32_vs_eager_speedup": 3.5, "int8_vs_fp32_speedup": 2.0,
+                                      "end_to_end_over_model_only": 1.5, "cold_start_s": 0.4, "peak_rss_mb": 120}}
+    rows = []
+    for r in results:
+        t = r["times_us"]
+        rows.append({
+            "model": r["model"], "threads": r["threads"],
+            "bare ORT us": f"{t['bare_session']:.1f}", "Model.run us": f"{t['model_run_fp32']:.1f}",
+            "overhead": f"{100 * (r['overhead_ratio'] - 1):+.1f} % ({r['overhead_us']:+.2f} us)",
+            "eager us": f"{t['pytorch_eager']:.1f}", "ORT/eager": f"{r['ort_fp32_vs_eager_speedup']:.2f}x",
+            "int8 us": f"{t['model_run_int8']:.1f}", "INT8/FP32": f"{r['int8_vs_fp32_speedup']:.2f}x",
+            "e2e/model": f"{r['end_to_end_over_model_only']:.2f}x",
+            "cold start s": f"{r['cold_start']['cold_start_s_median']:.3f}", "peak RSS MB": f"{r['cold_start']['peak_rss_mb_median']:.0f}",
+            "torch cold s / MB": f"{r['cold_start_pytorch']['cold_start_s_median']:.2f} / {r['cold_start_pytorch']['peak_rss_mb_median']:.0f}",
+        })
+    print(table(rows, list(rows[0])))
+    print("targets:", json.dumps(targets))
+    path = write_json("backends.json", {"results": results, "targets": targets, "environment": environment(2)})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
