@@ -73,38 +73,32 @@ def torch_model(run_dir: str):
     return m
 
 
-def cold_start(bundle: str, image: str) -> dict:
-    code = (
-        "import time, resource; t = time.perf_counter()\n"
-        "from edgeconv_runtime import Model\n"
-        f"m = Model.load({bundle!r}); p = m.predict({image!r})\n"
-        "dt = time.perf_counter() - t\n"
-        "import sys; assert 'torch' not in sys.modules\n"
-        "print(dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
-    )
+def _fresh_process(body: str, repeats: int) -> dict:
+    """Run ``body`` in fresh interpreters; median wall time from start of imports, and peak RSS."""
+    code = "import time, resource; t = time.perf_counter()\n" + body + (
+        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
     runs = []
-    for _ in range(5):
+    for _ in range(repeats):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-        runs.append((float(out[0]), float(out[1])))
+        runs.append((float(out[-2]), float(out[-1])))
     return {"cold_start_s_median": statistics.median(r[0] for r in runs), "peak_rss_mb_median": statistics.median(r[1] for r in runs)}
 
 
+def cold_start(bundle: str, image: str) -> dict:
+    return _fresh_process(
+        "from edgeconv_runtime import Model\n"
+        f"m = Model.load({bundle!r}); p = m.predict({image!r})\n"
+        "import sys; assert 'torch' not in sys.modules\n", 5)
+
+
 def cold_start_torch(run_dir: str, image: str) -> dict:
-    code = (
-        "import time, resource; t = time.perf_counter()\n"
+    return _fresh_process(
         "import torch\n"
         "from edgeconv.checkpoint import load_checkpoint, model_from_checkpoint\n"
         "from edgeconv_runtime.preprocess import preprocess_images\n"
         f"m, pre = model_from_checkpoint(load_checkpoint({run_dir!r}))\n"
         f"x = torch.from_numpy(preprocess_images([{image!r}], pre))\n"
-        "with torch.inference_mode(): m(x).softmax(1)\n"
-        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
-    )
-    runs = []
-    for _ in range(3):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-        runs.append((float(out[0]), float(out[1])))
-    return {"cold_start_s_median": statistics.median(r[0] for r in runs), "peak_rss_mb_median": statistics.median(r[1] for r in runs)}
+        "with torch.inference_mode(): m(x).softmax(1)\n", 3)
 
 
 def make_bundles(work: Path) -> dict:

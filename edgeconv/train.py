@@ -196,14 +196,16 @@ def make_scheduler(name: str, optimizer, epochs: int, steps_per_epoch: int):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: InMemoryLoader, loss_fn=None) -> dict:
-    """Loss and accuracy of ``model`` over a loader, in eval mode."""
+def evaluate(model: nn.Module, loader, loss_fn=None, forward=None) -> dict:
+    """Loss and accuracy over a loader with ``model`` in eval mode; ``forward`` (default the
+    model itself) maps a batch to logits, e.g. a head applied to cached features."""
     loss_fn = loss_fn or nn.CrossEntropyLoss()
+    forward = forward or model
     was_training = model.training
     model.eval()
     total, correct, loss_sum = 0, 0, 0.0
     for x, y in loader:
-        logits = model(x)
+        logits = forward(x)
         loss_sum += float(loss_fn(logits, y)) * len(y)
         correct += int((logits.argmax(1) == y).sum())
         total += len(y)

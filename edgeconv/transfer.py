@@ -108,19 +108,9 @@ def train_transfer(cfg, dataset, model: nn.Module, out: Path, meta: dict, loss_f
     labels = {name: torch.from_numpy(split.labels) for name, split in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test)) if split is not None}
 
     head = lambda f: model._fc(model._dropout(f))  # noqa: E731
-    val_feats = TensorBatches(feats["val"], labels["val"], 256)
 
-    def eval_head(which="val"):
-        loader = TensorBatches(feats[which], labels[which], 256)
-        model.eval()
-        with torch.no_grad():
-            total, correct, loss = 0, 0, 0.0
-            for f, y in loader:
-                logits = head(f)
-                loss += float(eval_loss(logits, y)) * len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                total += len(y)
-        return {"loss": loss / total, "accuracy": correct / total, "n": total}
+    def eval_head():
+        return evaluate(model, TensorBatches(feats["val"], labels["val"], 256), eval_loss, forward=head)
 
     head_epochs = cfg.epochs if cfg.strategy == "feature-extract" else cfg.head_epochs
     head_params = list(model._fc.parameters())
@@ -170,16 +160,7 @@ def train_transfer(cfg, dataset, model: nn.Module, out: Path, meta: dict, loss_f
             _freeze_batchnorm(model)
 
         def eval_suffix():
-            model.eval()
-            with torch.no_grad():
-                total = correct = 0
-                loss = 0.0
-                for a, y in TensorBatches(acts["val"], labels["val"], 128):
-                    logits = suffix(a)
-                    loss += float(eval_loss(logits, y)) * len(y)
-                    correct += int((logits.argmax(1) == y).sum())
-                    total += len(y)
-            return {"loss": loss / total, "accuracy": correct / total, "n": total}
+            return evaluate(model, TensorBatches(acts["val"], labels["val"], 128), eval_loss, forward=suffix)
 
         start_val = eval_suffix()
         f2 = fit(forward, set_train, opt2, sched2, loss_fn, loader, eval_suffix, cfg.epochs, cfg.patience,

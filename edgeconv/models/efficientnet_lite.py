@@ -19,6 +19,7 @@ from torch import nn
 
 from edgeconv_runtime.errors import EdgeconvError
 
+from ._backbone import TransferBackbone
 from ._registry import register_model
 
 # (repeats, kernel, stride, expand, in, out) per stage: the EfficientNet-B0 stages
@@ -95,11 +96,11 @@ class MBConv(nn.Module):
         return y + x if self.residual else y
 
 
-class EfficientNetLite(nn.Module):
+class EfficientNetLite(TransferBackbone):
     """Stem -> 16+ MBConv blocks -> 1x1 head conv -> global pool -> dropout -> linear.
 
-    ``forward_features`` gives the pooled 1280-d vector; ``_fc`` is the classifier, replaced
-    for transfer learning.
+    ``forward_features`` (from TransferBackbone) gives the pooled 1280-d vector; ``_fc`` is the
+    classifier, replaced for transfer learning.
     """
 
     def __init__(self, variant: str, num_classes: int = 1000, input_size: tuple = (224, 224), dropout: Optional[float] = None):
@@ -132,51 +133,11 @@ class EfficientNetLite(nn.Module):
     def stem(self, x):
         return self.act(self._bn0(self._conv_stem(self._stem_pad(x))))
 
-    def head(self, x):
+    def pooled(self, x):
         return torch.flatten(self.pool(self.act(self._bn1(self._conv_head(x)))), 1)
 
-    def forward_features(self, x):
-        x = self.stem(x)
-        for b in self._blocks:
-            x = b(x)
-        return self.head(x)
-
-    def forward(self, x):
-        return self._fc(self._dropout(self.forward_features(x)))
-
-    # --- transfer learning hooks ---------------------------------------------------------
-    def classifier_parameters(self):
-        return list(self._fc.parameters())
-
-    def split(self, unfreeze_blocks: int) -> tuple:
-        """(frozen prefix, trainable suffix) with the last ``unfreeze_blocks`` blocks + head in the suffix."""
-        n = len(self._blocks)
-        k = max(0, n - unfreeze_blocks)
-        model = self
-
-        class Prefix(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.m = model
-
-            def forward(self, x):
-                x = self.m.stem(x)
-                for b in self.m._blocks[:k]:
-                    x = b(x)
-                return x
-
-        class Suffix(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.m = model
-
-            def forward(self, x):
-                for b in self.m._blocks[k:]:
-                    x = b(x)
-                return self.m._fc(self.m._dropout(self.m.head(x)))
-
-        trainable = [p for b in self._blocks[k:] for p in b.parameters()] + list(self._conv_head.parameters()) + list(self._bn1.parameters())
-        return Prefix(), Suffix(), trainable
+    def pooled_parameters(self) -> list:
+        return list(self._conv_head.parameters()) + list(self._bn1.parameters())
 
 
 def weights_path(variant: str, weights: Optional[str] = None) -> Path:

@@ -14,6 +14,7 @@ from torch import nn
 
 from edgeconv_runtime.errors import EdgeconvError
 
+from ._backbone import TransferBackbone
 from ._registry import register_model
 
 DOWNLOAD_TIMEOUT_S = 20
@@ -27,7 +28,7 @@ BACKBONES = {
 }
 
 
-class Backbone(nn.Module):
+class Backbone(TransferBackbone):
     """A torchvision network cut into ``stem``, ``blocks`` (a list) and a pooled ``neck``, plus ``_fc``."""
 
     def __init__(self, stem: nn.Module, blocks: list, neck: nn.Module, fc: nn.Linear, dropout: float):
@@ -39,42 +40,11 @@ class Backbone(nn.Module):
         self._fc = fc
         self.num_features = fc.in_features
 
-    def forward_features(self, x):
-        x = self.stem(x)
-        for b in self._blocks:
-            x = b(x)
+    def pooled(self, x):
         return self.neck(x)
 
-    def forward(self, x):
-        return self._fc(self._dropout(self.forward_features(x)))
-
-    def split(self, unfreeze_blocks: int) -> tuple:
-        k = max(0, len(self._blocks) - unfreeze_blocks)
-        model = self
-
-        class Prefix(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.m = model
-
-            def forward(self, x):
-                x = self.m.stem(x)
-                for b in self.m._blocks[:k]:
-                    x = b(x)
-                return x
-
-        class Suffix(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.m = model
-
-            def forward(self, x):
-                for b in self.m._blocks[k:]:
-                    x = b(x)
-                return self.m._fc(self.m._dropout(self.m.neck(x)))
-
-        trainable = [p for b in self._blocks[k:] for p in b.parameters()] + list(self.neck.parameters())
-        return Prefix(), Suffix(), trainable
+    def pooled_parameters(self) -> list:
+        return list(self.neck.parameters())
 
 
 def _state_dict(name: str, weights: Optional[str]) -> dict:
