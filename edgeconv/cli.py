@@ -203,6 +203,9 @@ def format_manifest(m: dict) -> str:
         if p:
             extra = f"  max|diff| {p['max_abs_diff']:.2e}  top1 agree {p['top1_agreement']:.4f}  acc {p['accuracy']:.4f}"
         lines.append(f"  {a['file']:<18} {a['precision']:<5} {a['bytes'] / 1e6:8.2f} MB{extra}")
+    if m.get("triton"):
+        t = m["triton"]
+        lines.append(f"  Triton model repository: {t['file']} ({t['platform']}, {t['precision']}, max_batch_size {t['max_batch_size']})")
     return "\n".join(lines)
 
 

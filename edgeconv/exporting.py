@@ -112,4 +112,19 @@ def export_run(req: ExportRequest):
         },
         calibration_source=calib_source,
     )
-    return export_bundle(inputs, req.out, opts)
+    if "triton" not in req.formats:
+        return export_bundle(inputs, req.out, opts)
+    # Triton: build the bundle aside, then lay its artifact out as a model repository at --out
+    import tempfile
+
+    from edgeconv_export.triton import write_triton_repo
+    from edgeconv_runtime.fileio import atomic_directory
+
+    opts.formats = tuple(f for f in req.formats if f != "triton") or ("onnx",)
+    with tempfile.TemporaryDirectory(prefix="edgeconv-triton-") as tmp:
+        manifest = export_bundle(inputs, Path(tmp) / "bundle", opts)
+        with atomic_directory(req.out, force=req.force) as repo:
+            prec = req.precisions[-1] if req.precisions else "fp32"
+            manifest.triton = write_triton_repo(Path(tmp) / "bundle", repo, precision=prec, engine="tensorrt" in opts.formats,
+                                                max_batch=req.batch_max)
+    return manifest

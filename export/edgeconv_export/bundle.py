@@ -28,7 +28,7 @@ from .precision import CALIBRATION_METHODS, PRECISIONS, calibrate_int8, convert_
 
 log = logging.getLogger("edgeconv.export")
 
-FORMATS = ("onnx", "tensorrt")
+FORMATS = ("onnx", "tensorrt", "triton")
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 ENGINE_FILES = {"fp32": "model.plan", "fp16": "model.fp16.plan", "int8": "model.int8.plan"}
 FP32_MAX_ABS = 1e-4  # ONNX Runtime vs PyTorch on CPU agree to ~1e-6; 1e-4 leaves room, catches real drift

@@ -36,6 +36,7 @@ class Manifest:
     created: str
     calibration: Optional[dict] = None
     export_seconds: Optional[float] = None
+    triton: Optional[dict] = None
     format: str = "edgeconv.bundle"
     version: int = MANIFEST_VERSION
 

@@ -64,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--csv", dest="csv_path", default=None)
     sp.add_argument("--plot", dest="plot_path", default=None)
 
+    sp = sub.add_parser("serve", help="HTTP inference server with dynamic batching")
+    sp.add_argument("bundle")
+    sp.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default; another address is an explicit choice)")
+    sp.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    sp.add_argument("--backend", default="auto")
+    sp.add_argument("--precision", default=None, choices=["fp32", "fp16", "int8"])
+    sp.add_argument("--max-batch", type=int, default=32, help="1 turns dynamic batching off")
+    sp.add_argument("--max-delay-ms", type=float, default=5.0)
+    sp.add_argument("--max-queue", type=int, default=256, help="images waiting; beyond it requests get 503")
+    sp.add_argument("--max-body-mb", type=float, default=10.0)
+    sp.add_argument("--timeout-s", type=float, default=10.0, help="per-request inference timeout (504)")
+    sp.add_argument("--workers", type=int, default=2, help="decode/preprocess threads")
+    sp.add_argument("--threads", type=int, default=None, help="inference threads")
+
     sub.add_parser("backends", help="which backends are usable here, and why not the others")
     return p
 
@@ -88,6 +102,12 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         print(format_table(result))
         return 0 if result["rows"] else 1
 
+    if args.command == "serve":
+        from .serve import ServeConfig, run_server
+
+        run_server(ServeConfig(args.bundle, args.host, args.port, args.backend, args.precision, args.max_batch, args.max_delay_ms,
+                               args.max_queue, int(args.max_body_mb * 1024 * 1024), args.timeout_s, args.workers, args.threads))
+        return 0
     from .model import Model
 
     model = Model.load(args.bundle, backend=args.backend, precision=args.precision, threads=args.threads)

@@ -1,0 +1,317 @@
+"""HTTP inference server: Starlette on uvicorn, dynamic batching, limits, Prometheus metrics.
+
+Concurrent requests are decoded in a thread pool, queued, and gathered into one inference
+of up to ``max_batch`` images or ``max_delay_ms``, whichever comes first; each caller gets
+its own rows back. A full queue answers 503 with Retry-After instead of growing memory.
+Torch-free, like the rest of the runtime.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .errors import EdgeconvError
+
+log = logging.getLogger("edgeconv.serve")
+
+IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "image/webp"}
+INSTALL_HINT = "the server needs `pip install edgeconv-runtime[serve]` (starlette, uvicorn, prometheus-client)"
+
+
+@dataclass
+class ServeConfig:
+    bundle: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    backend: str = "auto"
+    precision: Optional[str] = None
+    max_batch: int = 32
+    max_delay_ms: float = 5.0
+    max_queue: int = 256  # images waiting for inference; beyond it: 503
+    max_body_bytes: int = 10 * 1024 * 1024
+    timeout_s: float = 10.0
+    workers: int = 2  # decode/preprocess threads
+    threads: Optional[int] = None  # inference threads
+    top_k: int = 5
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Batcher:
+    """Gathers queued requests into batches for one inference thread."""
+
+    def __init__(self, model, max_batch: int, max_delay_s: float, max_queue: int, on_batch=None):
+        self.model = model
+        self.max_batch = max(1, max_batch)
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self.pending = 0  # images queued or in inference
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeconv-infer")
+        self.on_batch = on_batch
+        self.task: Optional[asyncio.Task] = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+        self.executor.shutdown(wait=True)
+
+    async def submit(self, x: np.ndarray) -> np.ndarray:
+        n = len(x)
+        if self.pending + n > self.max_queue:
+            raise QueueFull()
+        self.pending += n
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put((x, fut))
+        try:
+            return await fut
+        finally:
+            self.pending -= n
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            x, fut = await self.queue.get()
+            items, count = [(x, fut)], len(x)
+            deadline = loop.time() + self.max_delay_s
+            while count < self.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    nx, nf = await asyncio.wait_for(self.queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    break
+                if count + len(nx) > self.max_batch:  # would overflow: it starts the next batch
+                    await self._run(items, count, loop)
+                    items, count = [], 0
+                    deadline = loop.time() + self.max_delay_s
+                items.append((nx, nf))
+                count += len(nx)
+            if items:
+                await self._run(items, count, loop)
+
+    async def _run(self, items, count, loop) -> None:
+        live = [(x, f) for x, f in items if not f.done()]  # callers that timed out are skipped
+        if not live:
+            return
+        batch = np.concatenate([x for x, _ in live]) if len(live) > 1 else live[0][0]
+        try:
+            logits = await loop.run_in_executor(self.executor, self.model.run, batch)
+        except Exception as exc:  # give every caller the failure instead of hanging them
+            for _, f in live:
+                if not f.done():
+                    f.set_exception(exc)
+            return
+        if self.on_batch:
+            self.on_batch(len(batch))
+        i = 0
+        for x, f in live:
+            if not f.done():
+                f.set_result(logits[i : i + len(x)])
+            i += len(x)
+
+
+def _metrics():
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    reg = CollectorRegistry()
+    return reg, {
+        "requests": Counter("edgeconv_requests", "HTTP requests to /v1/predict by status", ["status"], registry=reg),
+        "latency": Histogram("edgeconv_request_latency_seconds", "predict latency", registry=reg,
+                             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)),
+        "batch": Histogram("edgeconv_batch_size", "images per inference", registry=reg, buckets=(1, 2, 4, 8, 16, 32, 64, 128)),
+        "queue": Gauge("edgeconv_queue_depth", "images queued or in inference", registry=reg),
+    }
+
+
+def create_app(cfg: ServeConfig, model=None):
+    """The Starlette app; loads the model (or takes one), warms it up and verifies it at startup."""
+    try:
+        from prometheus_client import generate_latest
+        from starlette.applications import Starlette
+        from starlette.requests import ClientDisconnect, Request
+        from starlette.responses import JSONResponse, PlainTextResponse, Response
+        from starlette.routing import Route
+    except ImportError as exc:
+        raise EdgeconvError(INSTALL_HINT) from exc
+    from .model import Model, softmax
+    from .preprocess import load_pixels, normalize
+
+    state = {"ready": False, "verify": None}
+    registry, m = _metrics()
+    model = model or Model.load(cfg.bundle, backend=cfg.backend, precision=cfg.precision, threads=cfg.threads)
+    artifact_sha = next((a.get("sha256") for a in model.bundle.manifest.get("artifacts", []) if a["file"] == model.artifact.name), None)
+    ident = {"name": model.bundle.name, "sha256": artifact_sha, "precision": model.precision, "backend": model.backend_name}
+    decode_pool = ThreadPoolExecutor(max_workers=max(1, cfg.workers), thread_name_prefix="edgeconv-decode")
+    batcher = Batcher(model, cfg.max_batch, cfg.max_delay_ms / 1000.0, cfg.max_queue, on_batch=m["batch"].observe)
+
+    def error(status: int, msg: str, headers=None):
+        m["requests"].labels(str(status)).inc()
+        return JSONResponse({"error": msg}, status_code=status, headers=headers)
+
+    async def read_body(request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > cfg.max_body_bytes:
+            raise _HTTPError(413, f"body of {length} bytes exceeds the {cfg.max_body_bytes}-byte limit")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cfg.max_body_bytes:
+                raise _HTTPError(413, f"body exceeds the {cfg.max_body_bytes}-byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def decode_many(blobs: list) -> np.ndarray:
+        pre = model.preprocess
+        return normalize(np.stack([load_pixels(b, pre) for b in blobs]), pre)
+
+    async def predict(request: Request):
+        t0 = time.perf_counter()
+        try:
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype not in IMAGE_TYPES and ctype != "application/json":
+                return error(415, f"unsupported content type {ctype or '(none)'}; send image/jpeg, image/png, image/webp or application/json")
+            body = await read_body(request)
+            top_k = cfg.top_k
+            if ctype == "application/json":
+                blobs, top_k = _parse_json(body, top_k)
+            else:
+                blobs = [body]
+            loop = asyncio.get_running_loop()
+            try:
+                x = await loop.run_in_executor(decode_pool, decode_many, blobs)
+            except EdgeconvError as exc:
+                return error(400, str(exc))
+            m["queue"].set(batcher.pending)
+            try:
+                logits = await asyncio.wait_for(batcher.submit(x), cfg.timeout_s)
+            except QueueFull:
+                return error(503, "server busy: the inference queue is full; retry shortly", headers={"Retry-After": "1"})
+            except asyncio.TimeoutError:
+                return error(504, f"inference did not finish within {cfg.timeout_s} s")
+            probs = softmax(logits.astype(np.float64))
+            k = max(1, min(int(top_k), len(model.classes)))
+            preds = []
+            for p in probs:
+                idx = np.argsort(-p)[:k]
+                preds.append({"top": [{"label": model.classes[i], "index": int(i), "probability": float(p[i])} for i in idx]})
+            m["requests"].labels("200").inc()
+            m["latency"].observe(time.perf_counter() - t0)
+            return JSONResponse({"model": ident, "predictions": preds})
+        except _HTTPError as exc:
+            return error(exc.status, exc.message)
+        except ClientDisconnect:
+            m["requests"].labels("499").inc()
+            return Response(status_code=499)
+        finally:
+            m["queue"].set(batcher.pending)
+
+    async def healthz(request: Request):
+        return JSONResponse({"status": "alive"})
+
+    async def readyz(request: Request):
+        if state["ready"]:
+            return JSONResponse({"status": "ready", "verify": state["verify"]})
+        return JSONResponse({"status": "not ready", "verify": state["verify"]}, status_code=503)
+
+    async def model_info(request: Request):
+        return JSONResponse({**model.bundle.manifest, "serving": ident})
+
+    async def metrics(request: Request):
+        m["queue"].set(batcher.pending)
+        return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        try:
+            report = await loop.run_in_executor(None, model.verify)  # also the warm-up
+            state["verify"] = {k: report[k] for k in ("ok", "max_abs_diff", "top1_agreement", "problems")}
+            state["ready"] = bool(report["ok"])
+        except EdgeconvError as exc:
+            state["verify"] = {"ok": False, "problems": [str(exc)]}
+        yield
+        await batcher.stop()
+        decode_pool.shutdown(wait=False)
+
+    routes = [
+        Route("/v1/predict", predict, methods=["POST"]),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/v1/model", model_info),
+        Route("/metrics", metrics),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _parse_json(body: bytes, top_k: int) -> tuple:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _HTTPError(400, f"body is not valid JSON: {exc}")
+    if not isinstance(doc, dict):
+        raise _HTTPError(400, 'JSON body must be an object: {"image": "<base64>"} or {"images": ["<base64>", ...]}')
+    items = doc.get("images", [doc["image"]] if "image" in doc else None)
+    if not isinstance(items, list) or not items or not all(isinstance(s, str) for s in items):
+        raise _HTTPError(400, 'JSON body needs "image": "<base64>" or "images": ["<base64>", ...]')
+    if len(items) > 64:
+        raise _HTTPError(413, f"{len(items)} images in one request; send at most 64")
+    k = doc.get("top_k", top_k)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise _HTTPError(400, '"top_k" must be a whole number >= 1')
+    blobs = []
+    for i, s in enumerate(items):
+        try:
+            blobs.append(base64.b64decode(s, validate=True))
+        except (binascii.Error, ValueError):
+            raise _HTTPError(400, f"image {i} is not valid base64")
+    return blobs, k
+
+
+def run_server(cfg: ServeConfig) -> None:
+    """Serve until SIGINT/SIGTERM; requests in flight finish before the process exits."""
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise EdgeconvError(INSTALL_HINT) from exc
+    app = create_app(cfg)
+    sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((cfg.host, cfg.port))
+    except OSError as exc:
+        raise EdgeconvError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}; choose another --port") from exc
+    port = sock.getsockname()[1]
+    print(f"serving {cfg.bundle} on http://{cfg.host}:{port} (max batch {cfg.max_batch}, max delay {cfg.max_delay_ms} ms)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30, backlog=2048))
+    # uvicorn drains requests in flight on SIGTERM, then re-raises the signal to the handler it
+    # found: make that a no-op so a graceful stop exits 0 instead of dying by the signal.
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run(sockets=[sock])
+    print("server stopped", flush=True)
