@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -57,10 +58,11 @@ def models_cmd(as_json: bool) -> None:
 
 def train_options(fn):
     opts = [
-        click.option("--data", required=True, help="Image-folder root, IDX directory, mnist-5k or fashion-mnist."),
-        click.option("--model", "model_name", required=True, help="Model name (see `edgeconv models`)."),
+        click.option("--data", default=None, help="Image-folder root, IDX directory, mnist-5k or fashion-mnist."),
+        click.option("--model", "model_name", default=None, help="Model name (see `edgeconv models`)."),
         click.option("--epochs", type=int, default=10, show_default=True),
-        click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write."),
+        click.option("--out", default=None, type=click.Path(file_okay=False), help="Run directory to write."),
+        click.option("--resume", "resume_dir", default=None, type=click.Path(file_okay=False), help="Continue the run in this directory from its last epoch."),
         click.option("--test-data", default=None, help="Take the test split from here (e.g. the official MNIST t10k files)."),
         click.option("--batch-size", type=int, default=None, help="Default: the model's."),
         click.option("--optimizer", type=click.Choice(["rmsprop", "adam", "adamw", "sgd"]), default=None, help="Default: the model's."),
@@ -96,15 +98,34 @@ def train_options(fn):
 @cli.command("train")
 @train_options
 @user_errors
-def train_cmd(model_name: str, export_targets: str | None, **kw) -> None:
+def train_cmd(model_name: str | None, export_targets: str | None, resume_dir: str | None, **kw) -> None:
     """Train a model and write a run directory (model.pt, metrics.json, history, curves.png)."""
     from .train import TrainConfig, train
+
+    if resume_dir:
+        result = train(TrainConfig(data="", model="", out=resume_dir), resume=True)
+        _report(result)
+        return
+    missing = [f"--{n}" for n, v in (("data", kw["data"]), ("model", model_name), ("out", kw["out"])) if not v]
+    if missing:
+        raise EdgeconvError(f"missing {', '.join(missing)}; `edgeconv train --data DATA --model NAME --out DIR` (or --resume DIR)")
 
     if export_targets:
         from .exporting import parse_targets
 
         targets = parse_targets(export_targets)  # refuse bad targets before training, not after
     result = train(TrainConfig(model=model_name, **kw))
+    _report(result)
+    if export_targets and int(os.environ.get("RANK", "0")) == 0:
+        from .exporting import ExportRequest, export_run
+
+        manifest = export_run(ExportRequest(checkpoint=str(result.out), out=str(result.out / "bundle"), formats=targets[0], precisions=targets[1], force=True))
+        click.echo(format_manifest(manifest.to_dict()))
+
+
+def _report(result) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun only rank 0 reports
     m = result.metrics
     test = f"{m['test_accuracy']:.4f}" if m["test_accuracy"] is not None else "n/a"
     click.echo(
@@ -113,11 +134,6 @@ def train_cmd(model_name: str, export_targets: str | None, **kw) -> None:
     )
     if m["interrupted"]:
         sys.exit(130)
-    if export_targets:
-        from .exporting import ExportRequest, export_run
-
-        manifest = export_run(ExportRequest(checkpoint=str(result.out), out=str(result.out / "bundle"), formats=targets[0], precisions=targets[1], force=True))
-        click.echo(format_manifest(manifest.to_dict()))
 
 
 @cli.command("demo")
@@ -161,6 +177,9 @@ def demo_cmd(out: str, epochs: int, test_data: str | None, json_path: str | None
         click.echo(f"      verify {precision}: {'OK' if v['ok'] else 'FAILED'} (max|diff| {v['max_abs_diff']:.2e}, top-1 agreement {v['top1_agreement']:.3f})")
     click.echo("")
     click.echo(summary_table(rows))
+    from .model_card import extend_card
+
+    extend_card(Path(out), bundle, export=manifest.artifacts, benchmarks=rows)
     if json_path:
         atomic_write_json(json_path, {"train": m, "rows": rows})
     click.echo(f"\nrun directory: {out}   bundle: {bundle}")

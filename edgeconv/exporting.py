@@ -113,7 +113,11 @@ def export_run(req: ExportRequest):
         calibration_source=calib_source,
     )
     if "triton" not in req.formats:
-        return export_bundle(inputs, req.out, opts)
+        manifest = export_bundle(inputs, req.out, opts)
+        from .model_card import extend_card
+
+        extend_card(path.parent, Path(req.out), export=manifest.artifacts)
+        return manifest
     # Triton: build the bundle aside, then lay its artifact out as a model repository at --out
     import tempfile
 

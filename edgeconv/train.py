@@ -283,20 +283,24 @@ class Fitted:
 
 
 def fit(forward, set_train, optimizer, scheduler, loss_fn, train_loader, evaluate_val, epochs: int, patience: Optional[int],
-        on_improve, on_epoch=None, progress: bool = True, first_epoch: int = 1, label: str = "epoch", bf16: bool = False) -> Fitted:
+        on_improve, on_epoch=None, progress: bool = True, first_epoch: int = 1, label: str = "epoch", bf16: bool = False,
+        reduce=None, resume: Optional[dict] = None) -> Fitted:
     """The epoch loop shared by every strategy: train steps, validation, best-epoch tracking,
     early stopping on validation loss, progress bar; Ctrl-C stops it and keeps the best so far.
 
     ``forward`` maps a batch to logits (a whole model, or a frozen base's features into a head);
-    ``on_improve(epoch, val)`` saves the best weights; ``on_epoch(history)`` persists the history.
+    ``on_improve(epoch, val)`` saves the best weights; ``on_epoch(history, best, bad_epochs)``
+    persists the history and the resumable state. ``reduce`` sums epoch figures over DDP ranks;
+    ``resume`` carries history/best/bad_epochs of a run being continued.
     """
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
-    history: list = []
-    best = {"val_loss": math.inf, "epoch": 0}
-    bad_epochs, train_seconds, images_seen = 0, 0.0, 0
+    resume = resume or {}
+    history: list = list(resume.get("history", []))
+    best = dict(resume.get("best", {"val_loss": math.inf, "epoch": 0}))
+    bad_epochs, train_seconds, images_seen = resume.get("bad_epochs", 0), 0.0, 0
     interrupted = stopped_early = False
     last = first_epoch + epochs - 1
     try:
@@ -325,6 +329,9 @@ def fit(forward, set_train, optimizer, scheduler, loss_fn, train_loader, evaluat
             if bar is not None:
                 bar.close()
             epoch_train = time.perf_counter() - te
+            if reduce is not None:  # figures over every rank's share
+                loss_sum, correct, seen = reduce([loss_sum, correct, seen])
+                seen = int(seen)
             train_seconds += epoch_train
             images_seen += seen
             v = evaluate_val()
@@ -346,7 +353,7 @@ def fit(forward, set_train, optimizer, scheduler, loss_fn, train_loader, evaluat
             else:
                 bad_epochs += 1
             if on_epoch is not None:
-                on_epoch(history)
+                on_epoch(history, best, bad_epochs, train_seconds, images_seen)
             log.info("%s %d/%d %s", label, epoch, last, {k: row[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")})
             if patience is not None and bad_epochs >= patience:
                 stopped_early = True
@@ -367,19 +374,98 @@ class RunResult:
     history: list = field(default_factory=list)
 
 
+STATE_NAME = "state.pt"
+PREV_STATE_NAME = "state.prev.pt"
+
+
 def prepare_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise EdgeconvError(f"--out {out} is a file; choose a directory")
     if (out / ckpt.CHECKPOINT_NAME).exists() and not force:
-        raise EdgeconvError(f"{out} already holds a trained model; pass --force to overwrite it or choose another --out")
+        raise EdgeconvError(f"{out} already holds a trained model; pass --force to overwrite it, --resume {out} to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    for stale in (STATE_NAME, PREV_STATE_NAME):
+        (out / stale).unlink(missing_ok=True)
 
 
-def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> RunResult:
-    """Train one model as ``config`` says; writes the run directory and returns its metrics."""
-    cfg = config.resolved()
-    out = Path(cfg.out)
-    prepare_out(out, cfg.force)
+def save_state(out: Path, state: dict) -> None:
+    """The resumable state of the epoch just finished; the one before it is kept as a fallback.
+
+    The new file is complete on disk (temp + fsync + rename) before the old one is rotated, so
+    a crash or a full disk at any moment leaves at least one good state.
+    """
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    tmp = out / f".{STATE_NAME}.new"
+    atomic_write_bytes(tmp, buf.getvalue())
+    if (out / STATE_NAME).exists():
+        os.replace(out / STATE_NAME, out / PREV_STATE_NAME)
+    os.replace(tmp, out / STATE_NAME)
+
+
+def load_state(out: Path) -> dict:
+    """The newest readable state in ``out``; falls back to the previous one with a warning."""
+    errors = []
+    for name in (STATE_NAME, PREV_STATE_NAME):
+        p = out / name
+        if not p.exists():
+            continue
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+            if name == PREV_STATE_NAME:
+                log.warning("%s is unreadable (%s); resuming from the previous epoch's state", STATE_NAME, errors[-1] if errors else "missing")
+            return state
+        except Exception as exc:  # truncated/corrupt file: try the older one
+            errors.append(f"{name}: {type(exc).__name__} {(str(exc).splitlines() or [''])[0][:80]}")
+    raise EdgeconvError(f"no resumable state in {out} ({'; '.join(errors) or 'no state.pt'}); it was not written by `edgeconv train`, or no epoch finished")
+
+
+def _rng_state() -> dict:
+    """Every generator a resumed run must continue: torch (augmentation), numpy, python."""
+    _, keys, pos, _, _ = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
+            "python": list(random.getstate()[1])}
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(("MT19937", st["numpy"].numpy().astype(np.uint32), st["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(st["python"]), None))
+
+
+def train(config: TrainConfig, dataset: Optional[Dataset] = None, resume: bool = False) -> RunResult:
+    """Train one model as ``config`` says; writes the run directory and returns its metrics.
+
+    Under torchrun (WORLD_SIZE > 1) this process is one DDP rank: it trains on its shard of
+    each epoch and only rank 0 writes. With ``resume`` the run in ``config.out`` continues
+    from its last resumable state.
+    """
+    from . import distributed as ddp
+
+    ctx = ddp.init_distributed()
+    try:
+        return _train(config, dataset, resume, ctx)
+    finally:
+        ddp.cleanup(ctx)
+
+
+def _train(config: TrainConfig, dataset: Optional[Dataset], resume: bool, ctx) -> RunResult:
+    from . import distributed as ddp
+
+    state = None
+    if resume:
+        out = Path(config.out)
+        state = load_state(out)
+        cfg = TrainConfig(**{**state["train_config"], "progress": config.progress}).resolved()
+        if cfg.strategy != "scratch":
+            raise EdgeconvError(f"--resume continues training from scratch; a {cfg.strategy} run is quick to rerun, so start it again")
+    else:
+        cfg = config.resolved()
+        out = Path(cfg.out)
+        if ctx.is_main:
+            prepare_out(out, cfg.force)
+        ddp.barrier(ctx)
+    main = ctx.is_main
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -415,6 +501,16 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> RunResult:
     if cl:
         model = model.to(memory_format=torch.channels_last)
     train_loader = InMemoryLoader(dataset.train, pre, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment, channels_last=cl)
+    shard_log: dict = {}
+    if ctx.enabled:
+        shard = ddp.shard_fn(ctx, len(dataset.train), cfg.seed)
+
+        def indices(epoch: int) -> torch.Tensor:
+            idx = shard(epoch)
+            shard_log[str(epoch)] = idx.tolist()
+            return idx
+
+        train_loader.indices = indices
     eval_bs = max(cfg.batch_size, 256)
     val_loader = InMemoryLoader(dataset.val, pre, eval_bs, channels_last=cl)
     test_loader = InMemoryLoader(dataset.test, pre, eval_bs, channels_last=cl) if dataset.test is not None else None
@@ -435,6 +531,17 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> RunResult:
         "versions": ckpt.library_versions(),
     }
 
+    first_epoch, prior_seconds, prior_images = 1, 0.0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        first_epoch = int(state["epoch"]) + 1
+        prior_seconds, prior_images = float(state["train_seconds"]), int(state["images_seen"])
+        log.warning("resuming %s at epoch %d of %d", out, first_epoch, cfg.epochs)
+
     transfer_stats: dict = {}
     if transfer:
         from .transfer import train_transfer
@@ -446,25 +553,55 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> RunResult:
         transfer_stats = res
         write_history(out, history)
     else:
+        forward = model
+        if ctx.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            forward = DistributedDataParallel(model)  # averages gradients across ranks in backward
+        def on_epoch(history, best, bad_epochs, seconds, images):
+            if not main:
+                return
+            write_history(out, history)
+            save_state(out, {
+                "epoch": history[-1]["epoch"], "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None, "rng": _rng_state(),
+                "best": best, "bad_epochs": bad_epochs, "history": history, "train_config": asdict(cfg),
+                "train_seconds": prior_seconds + seconds, "images_seen": prior_images + images,
+            })
+
+        resume_from = {"history": state["history"], "best": state["best"], "bad_epochs": state["bad_epochs"]} if state else None
+        remaining = cfg.epochs - first_epoch + 1
+        if remaining < 1:
+            raise EdgeconvError(f"{out} already finished its {cfg.epochs} epochs; nothing to resume")
         fitted = fit(
-            forward=model,
+            forward=forward,
             set_train=lambda: model.train(),
             optimizer=optimizer,
             scheduler=scheduler,
             loss_fn=loss_fn,
             train_loader=train_loader,
             evaluate_val=lambda: evaluate(model, val_loader, eval_loss),
-            epochs=cfg.epochs,
+            epochs=remaining,
             patience=cfg.patience,
-            on_improve=lambda epoch, v: ckpt.save_checkpoint(out / ckpt.CHECKPOINT_NAME, model, {**meta, "epoch": epoch, "val_accuracy": v["accuracy"], "val_loss": v["loss"]}),
-            on_epoch=lambda history: write_history(out, history),
-            progress=cfg.progress,
+            on_improve=lambda epoch, v: main and ckpt.save_checkpoint(out / ckpt.CHECKPOINT_NAME, model, {**meta, "epoch": epoch, "val_accuracy": v["accuracy"], "val_loss": v["loss"]}),
+            on_epoch=on_epoch,
+            progress=cfg.progress and main,
             bf16=bf16,
+            first_epoch=first_epoch,
+            reduce=(lambda vals: ddp.all_sum(ctx, vals)) if ctx.enabled else None,
+            resume=resume_from,
         )
         history, best = fitted.history, fitted.best
-        train_seconds, images_seen = fitted.train_seconds, fitted.images_seen
+        train_seconds, images_seen = prior_seconds + fitted.train_seconds, prior_images + fitted.images_seen
         interrupted, stopped_early = fitted.interrupted, fitted.stopped_early
 
+    if ctx.enabled:
+        import hashlib
+
+        digest = hashlib.sha256(b"".join(v.detach().contiguous().numpy().tobytes() for v in model.state_dict().values())).hexdigest()
+        atomic_write_json(out / f"shards.rank{ctx.rank}.json", {"rank": ctx.rank, "world_size": ctx.world_size, "backend": ctx.backend,
+                                                               "epochs": shard_log, "final_weights_sha256": digest})
+        ddp.barrier(ctx)
     if not history or best["epoch"] == 0:
         raise EdgeconvError("training was interrupted before the first epoch finished; nothing was saved")
 
@@ -495,11 +632,17 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> RunResult:
         "skipped_images": dataset.skipped,
         "seed": cfg.seed,
         "strategy": cfg.strategy,
+        "world_size": ctx.world_size,
+        "resumed": state is not None,
         **({"transfer": transfer_stats} if transfer_stats else {}),
     }
-    best_ck.update({"test_accuracy": metrics["test_accuracy"], "metrics": metrics})
-    ckpt.save_checkpoint(out / ckpt.CHECKPOINT_NAME, model, {k: v for k, v in best_ck.items() if k not in ("state_dict", "format", "version")})
-    atomic_write_json(out / "metrics.json", metrics)
-    write_history(out, history)
-    plot_history(out, history, f"{cfg.model} on {Path(str(dataset.source)).name}")
+    if main:
+        best_ck.update({"test_accuracy": metrics["test_accuracy"], "metrics": metrics})
+        ckpt.save_checkpoint(out / ckpt.CHECKPOINT_NAME, model, {k: v for k, v in best_ck.items() if k not in ("state_dict", "format", "version")})
+        atomic_write_json(out / "metrics.json", metrics)
+        write_history(out, history)
+        plot_history(out, history, f"{cfg.model} on {Path(str(dataset.source)).name}")
+        from .model_card import write_model_card
+
+        write_model_card(out, dataset=dataset, metrics=metrics, config=asdict(cfg), history=history)
     return RunResult(out, metrics, history)

@@ -1,0 +1,129 @@
+"""Load and fault figures for `edgeconv-runtime serve` (loopback only, bounded in count and time).
+
+1. 64 concurrent clients, 5,000 requests of real cats-vs-dogs JPEGs to an INT8 bundle: errors,
+   answers that differ from the runtime's direct prediction, p50/p99 latency, throughput;
+   dynamic batching on (--max-batch 32) vs off (--max-batch 1): throughput ratio (target >= 1.5x).
+2. Overload: 200 concurrent clients against a small queue: status counts (only 200/503 allowed),
+   server RSS before/after, /healthz afterwards.
+
+    python benchmarks/serve_load.py BUNDLE [--data ../shared/data/cats_and_dogs_small/test] [--requests 5000]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SHARED, table, write_json  # noqa: E402
+
+
+def start(bundle: str, *args) -> tuple:
+    proc = subprocess.Popen([sys.executable, "-m", "edgeconv_runtime", "serve", bundle, "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    m = re.search(r"http://127\.0\.0\.1:(\d+)", proc.stdout.readline())
+    url = f"http://127.0.0.1:{m.group(1)}"
+    import httpx
+
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("server not ready")
+
+
+def rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def load(url: str, bodies: list, expected: list, requests: int, concurrency: int) -> dict:
+    import httpx
+
+    lat, codes, mismatches = [], {}, 0
+    counter = iter(range(requests))
+
+    async def worker(client):
+        nonlocal mismatches
+        for i in counter:
+            k = i % len(bodies)
+            t = time.perf_counter()
+            r = await client.post(url + "/v1/predict", content=bodies[k], headers={"content-type": "image/jpeg"})
+            lat.append(time.perf_counter() - t)
+            codes[r.status_code] = codes.get(r.status_code, 0) + 1
+            if r.status_code == 200:
+                top = r.json()["predictions"][0]["top"][0]
+                if top["label"] != expected[k][0] or abs(top["probability"] - expected[k][1]) > 1e-4:
+                    mismatches += 1
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    ms = np.asarray(lat) * 1e3
+    return {"requests": requests, "concurrency": concurrency, "codes": codes, "mismatches": mismatches,
+            "errors": sum(v for c, v in codes.items() if c != 200), "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "throughput_rps": requests / wall, "wall_s": wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundle")
+    ap.add_argument("--precision", default="int8")
+    ap.add_argument("--data", default=str(SHARED / "cats_and_dogs_small" / "test"))
+    ap.add_argument("--requests", type=int, default=5000)
+    ap.add_argument("--concurrency", type=int, default=64)
+    args = ap.parse_args()
+    from edgeconv_runtime import Model
+
+    files = sorted(p for p in Path(args.data).rglob("*.jpg"))
+    bodies = [f.read_bytes() for f in files]
+    model = Model.load(args.bundle, precision=args.precision)
+    expected = [(p.labels[0], p.probabilities[0]) for p in model.predict(bodies, top_k=1)]
+    model.close()
+    results = {}
+    for mode, extra in (("batching on", ["--max-batch", "32", "--max-delay-ms", "5"]), ("batching off", ["--max-batch", "1"])):
+        proc, url = start(args.bundle, "--precision", args.precision, "--max-queue", "1024", *extra)
+        try:
+            results[mode] = asyncio.run(load(url, bodies, expected, args.requests, args.concurrency))
+            results[mode]["server_rss_mb"] = rss_mb(proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    # overload: a small queue, no batching, 200 clients
+    proc, url = start(args.bundle, "--precision", args.precision, "--max-batch", "1", "--max-queue", "8")
+    try:
+        before = rss_mb(proc.pid)
+        over = asyncio.run(load(url, bodies, expected, 2000, 200))
+        import httpx
+
+        over.update(rss_before_mb=before, rss_after_mb=rss_mb(proc.pid), healthz_after=httpx.get(url + "/healthz").status_code)
+        results["overload"] = over
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    rows = [{"run": k, "requests": v["requests"], "clients": v["concurrency"], "codes": v["codes"], "mismatches": v["mismatches"],
+             "p50 ms": f"{v['p50_ms']:.1f}", "p99 ms": f"{v['p99_ms']:.1f}", "req/s": f"{v['throughput_rps']:.1f}"} for k, v in results.items()]
+    print(table(rows, list(rows[0])))
+    ratio = results["batching on"]["throughput_rps"] / results["batching off"]["throughput_rps"]
+    o = results["overload"]
+    print(f"batching on/off throughput: {ratio:.2f}x (target >= 1.5x)")
+    print(f"overload: statuses {o['codes']}, server RSS {o['rss_before_mb']:.0f} -> {o['rss_after_mb']:.0f} MB, /healthz after: {o['healthz_after']}")
+    path = write_json("serve_load.json", {"results": results, "batching_ratio": ratio})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
