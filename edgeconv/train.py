@@ -546,12 +546,13 @@ def _train(config: TrainConfig, dataset: Optional[Dataset], resume: bool, ctx) -
     if transfer:
         from .transfer import train_transfer
 
-        res = train_transfer(cfg, dataset, model, out, meta, loss_fn, eval_loss)
+        res = train_transfer(cfg, dataset, model, out, meta, loss_fn, eval_loss, ctx)
         history, best, transfer_test = res.pop("history"), res.pop("best"), res.pop("test")
         train_seconds, images_seen = res.pop("train_seconds"), res.pop("images_seen")
         interrupted, stopped_early = res.pop("interrupted"), res.pop("stopped_early")
         transfer_stats = res
-        write_history(out, history)
+        if main:
+            write_history(out, history)
     else:
         forward = model
         if ctx.enabled:

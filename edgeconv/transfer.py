@@ -55,17 +55,24 @@ class TensorBatches:
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0):
         self.x, self.y, self.batch_size, self.shuffle, self.seed, self.epoch = x, y, batch_size, shuffle, seed, 0
+        self.indices = None  # a DistributedSampler share, under torchrun
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return math.ceil(len(self.y) / self.batch_size)
+        n = len(self.indices(self.epoch)) if self.indices is not None else len(self.y)
+        return math.ceil(n / self.batch_size)
 
     def __iter__(self):
         n = len(self.y)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch)) if self.shuffle else torch.arange(n)
-        for b in range(0, n, self.batch_size):
+        if self.indices is not None:
+            order = self.indices(self.epoch)
+        elif self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+        else:
+            order = torch.arange(n)
+        for b in range(0, len(order), self.batch_size):
             ii = order[b : b + self.batch_size]
             yield self.x[ii], self.y[ii]
 
@@ -77,7 +84,7 @@ def _freeze_batchnorm(model: nn.Module) -> None:
             m.eval()
 
 
-def train_transfer(cfg, dataset, model: nn.Module, out: Path, meta: dict, loss_fn, eval_loss) -> dict:
+def train_transfer(cfg, dataset, model: nn.Module, out: Path, meta: dict, loss_fn, eval_loss, ctx=None) -> dict:
     """Run ``cfg.strategy`` on a pretrained ``model``; returns fields for metrics.json and the fitted history.
 
     feature-extract: frozen base + new head. Without --augment the base runs once over the
@@ -86,9 +93,31 @@ def train_transfer(cfg, dataset, model: nn.Module, out: Path, meta: dict, loss_f
     fine-tune: phase 1 as feature-extract (``cfg.head_epochs``), then the top ``cfg.unfreeze``
     blocks train with the head at ``cfg.fine_tune_lr`` with batch-norm statistics frozen.
     """
+    from . import distributed as ddp
+
+    ctx = ctx or ddp.DistContext()
     pre = dataset.preprocess
     stats: dict = {}
     history: list = []
+    reduce = (lambda vals: ddp.all_sum(ctx, vals)) if ctx.enabled else None
+
+    def shard(loader, n, seed):
+        """Under torchrun each rank trains on its DistributedSampler share of every epoch."""
+        if ctx.enabled:
+            loader.indices = ddp.shard_fn(ctx, n, seed)
+        return loader
+
+    def wrap(module):
+        """DDP averages the trainable part's gradients across ranks (frozen parameters are ignored)."""
+        if not ctx.enabled:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module)
+
+    def load_best():
+        ddp.barrier(ctx)  # rank 0 has finished writing the file
+        model.load_state_dict(ckpt.load_checkpoint(out / ckpt.CHECKPOINT_NAME)["state_dict"])
 
     best_loss = [math.inf]
 
@@ -96,6 +125,8 @@ def train_transfer(cfg, dataset, model: nn.Module, out: Path, meta: dict, loss_f
         if v["loss"] >= best_loss[0]:  # phase 2 only replaces the file when it beats phase 1's best
             return
         best_loss[0] = v["loss"]
+        if not ctx.is_main:
+            return
         ckpt.save_checkpoint(out / ckpt.CHECKPOINT_NAME, model, {**meta, "epoch": epoch, "phase": phase, "val_accuracy": v["accuracy"], "val_loss": v["loss"]})
 
     # ---- the frozen base through ONNX Runtime, features cached once
@@ -108,6 +139,8 @@ def train_transfer(cfg, dataset, model: nn.Module, out: Path, meta: dict, loss_f
     labels = {name: torch.from_numpy(split.labels) for name, split in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test)) if split is not None}
 
     head = lambda f: model._fc(model._dropout(f))  # noqa: E731
+    train_fc = wrap(model._fc)
+    train_head = lambda f: train_fc(model._dropout(f))  # noqa: E731
 
     def eval_head():
         return evaluate(model, TensorBatches(feats["val"], labels["val"], 256), eval_loss, forward=head)
@@ -117,20 +150,20 @@ def train_transfer(cfg, dataset, model: nn.Module, out: Path, meta: dict, loss_f
     opt = make_optimizer(cfg.optimizer, head_params, cfg.lr, cfg.weight_decay)
     augment = build_augmentation(cfg.augment_preset) if cfg.strategy == "feature-extract" else None
     if augment is not None:
-        loader = InMemoryLoader(dataset.train, pre, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment)
-        forward = lambda x: head(base(x))  # noqa: E731
+        loader = shard(InMemoryLoader(dataset.train, pre, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment), len(dataset.train), cfg.seed)
+        forward = lambda x: train_head(base(x))  # noqa: E731
     else:
-        loader = TensorBatches(feats["train"], labels["train"], cfg.batch_size, shuffle=True, seed=cfg.seed)
-        forward = head
+        loader = shard(TensorBatches(feats["train"], labels["train"], cfg.batch_size, shuffle=True, seed=cfg.seed), len(dataset.train), cfg.seed)
+        forward = train_head
     sched = make_scheduler(cfg.lr_schedule, opt, head_epochs, len(loader))
     f1 = fit(forward, lambda: model._dropout.train(), opt, sched, loss_fn, loader, eval_head, head_epochs, cfg.patience,
-             lambda e, v: save(e, v, "head"), None, cfg.progress, label="head epoch")
+             lambda e, v: save(e, v, "head"), None, cfg.progress and ctx.is_main, label="head epoch", reduce=reduce)
     history += [dict(h, phase="head") for h in f1.history]
     stats.update(train_seconds=f1.train_seconds, images_seen=f1.images_seen, interrupted=f1.interrupted, stopped_early=f1.stopped_early)
     best = dict(f1.best, phase="head")
 
     if cfg.strategy == "fine-tune" and not f1.interrupted:
-        model.load_state_dict(ckpt.load_checkpoint(out / ckpt.CHECKPOINT_NAME)["state_dict"])  # the best head
+        load_best()  # the best head
         prefix, suffix, trainable = model.split(cfg.unfreeze)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -143,12 +176,13 @@ def train_transfer(cfg, dataset, model: nn.Module, out: Path, meta: dict, loss_f
             acts["test"] = frozen.over_split(dataset.test, pre)
         aug = build_augmentation(cfg.augment_preset)
         if aug is not None:
-            loader = InMemoryLoader(dataset.train, pre, cfg.batch_size, shuffle=True, seed=cfg.seed + 1, augment=aug)
-            forward = lambda x: suffix(frozen(x))  # noqa: E731
+            train_suffix = wrap(suffix)
+            loader = shard(InMemoryLoader(dataset.train, pre, cfg.batch_size, shuffle=True, seed=cfg.seed + 1, augment=aug), len(dataset.train), cfg.seed + 1)
+            forward = lambda x: train_suffix(frozen(x))  # noqa: E731
         else:
             acts["train"] = frozen.over_split(dataset.train, pre)
-            loader = TensorBatches(acts["train"], labels["train"], cfg.batch_size, shuffle=True, seed=cfg.seed + 1)
-            forward = suffix
+            loader = shard(TensorBatches(acts["train"], labels["train"], cfg.batch_size, shuffle=True, seed=cfg.seed + 1), len(dataset.train), cfg.seed + 1)
+            forward = wrap(suffix)
         stats["prefix_seconds"] = round(time.perf_counter() - t1, 3)
         params = [p for p in model.parameters() if p.requires_grad]
         lr2 = cfg.fine_tune_lr if cfg.fine_tune_lr is not None else cfg.lr / 10
@@ -164,7 +198,8 @@ def train_transfer(cfg, dataset, model: nn.Module, out: Path, meta: dict, loss_f
 
         start_val = eval_suffix()
         f2 = fit(forward, set_train, opt2, sched2, loss_fn, loader, eval_suffix, cfg.epochs, cfg.patience,
-                 lambda e, v: save(e, v, "fine-tune"), None, cfg.progress, first_epoch=len(f1.history) + 1, label="fine-tune epoch")
+                 lambda e, v: save(e, v, "fine-tune"), None, cfg.progress and ctx.is_main, first_epoch=len(f1.history) + 1,
+                 label="fine-tune epoch", reduce=reduce)
         history += [dict(h, phase="fine-tune") for h in f2.history]
         stats["train_seconds"] += f2.train_seconds
         stats["images_seen"] += f2.images_seen
@@ -181,7 +216,7 @@ def train_transfer(cfg, dataset, model: nn.Module, out: Path, meta: dict, loss_f
         p.requires_grad_(True)
     # test figures from the best weights, reusing the cached features/activations (the frozen
     # parts are unchanged by construction, so this equals running the whole network)
-    model.load_state_dict(ckpt.load_checkpoint(out / ckpt.CHECKPOINT_NAME)["state_dict"])
+    load_best()
     model.eval()
     test = None
     if "test" in feats:

@@ -114,3 +114,19 @@ def test_model_cards_for_run_and_bundle(mnist_run, mnist_bundle):
     assert {a["precision"] for a in bcard["export"]} == {"fp32", "fp16", "int8"}
     assert "## Exported artifacts" in (mnist_bundle / "MODEL_CARD.md").read_text()
     assert (mnist_bundle / "curves.png").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_feature_extraction_and_fine_tune(tmp_path, catsdogs_tiny):
+    """Transfer strategies under DDP too: head (and top blocks) trained on sharded epochs, rank 0 writes."""
+    out = tmp_path / "ddp_ft"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "edgeconv", "train",
+                        "--data", str(catsdogs_tiny), "--model", "efficientnet_lite0", "--strategy", "fine-tune", "--head-epochs", "3",
+                        "--epochs", "1", "--unfreeze", "1", "--size", "96", "--threads", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["epochs_run"] == 4 and m["test_accuracy"] > 0.6
+    s0 = json.loads((out / "shards.rank0.json").read_text())
+    s1 = json.loads((out / "shards.rank1.json").read_text())
+    assert s0["final_weights_sha256"] == s1["final_weights_sha256"]
