@@ -39,6 +39,26 @@ def register_model(
     return wrap
 
 
+BACKBONE_TRAIN_DEFAULTS = {"optimizer": "adam", "lr": 1e-3, "batch_size": 32, "augment_preset": "light"}
+
+
+def register_backbone(name: str, description: str, build, resolution: int, preprocess: dict) -> None:
+    """Register a pretrained backbone: ``build(name, num_classes, in_channels, input_size, pretrained, weights, dropout)``."""
+
+    def factory(num_classes, in_channels, input_size, pretrained=True, weights=None, dropout=None):
+        return build(name, num_classes, in_channels, input_size, pretrained, weights, dropout)
+
+    register_model(
+        name,
+        description,
+        default_size=(resolution, resolution),
+        listed_example={"num_classes": 1000, "in_channels": 3, "input_size": (resolution, resolution), "pretrained": False},
+        preprocess=preprocess,
+        train_defaults=BACKBONE_TRAIN_DEFAULTS,
+        pretrained=True,
+    )(factory)
+
+
 def list_models() -> list:
     return sorted(_MODELS)
 

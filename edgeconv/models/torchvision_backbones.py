@@ -15,7 +15,7 @@ from torch import nn
 from edgeconv_runtime.errors import EdgeconvError
 
 from ._backbone import TransferBackbone
-from ._registry import register_model
+from ._registry import register_backbone
 
 DOWNLOAD_TIMEOUT_S = 20
 
@@ -102,15 +102,4 @@ def build_torchvision(name: str, num_classes: int, in_channels: int, input_size:
 
 _PRE = {"resize": "shorter_center_crop", "crop_pct": 0.875, "scale": 1 / 255, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "channels": 3}
 for _name, (_enum, _res) in BACKBONES.items():
-    def _factory(num_classes, in_channels, input_size, pretrained=True, weights=None, dropout=None, _n=_name):
-        return build_torchvision(_n, num_classes, in_channels, input_size, pretrained, weights, dropout)
-
-    register_model(
-        _name,
-        f"torchvision {_name}, ImageNet weights via torchvision (online) or --weights PATH",
-        default_size=(_res, _res),
-        listed_example={"num_classes": 1000, "in_channels": 3, "input_size": (_res, _res), "pretrained": False},
-        preprocess=_PRE,
-        train_defaults={"optimizer": "adam", "lr": 1e-3, "batch_size": 32, "augment_preset": "light"},
-        pretrained=True,
-    )(_factory)
+    register_backbone(_name, f"torchvision {_name}, ImageNet weights via torchvision (online) or --weights PATH", build_torchvision, _res, _PRE)

@@ -69,6 +69,10 @@ class Model:
     load_seconds: float = 0.0
     info: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self._input_shape = self.bundle.preprocess.input_shape  # checked on every run(): computed once
+        self._infer = self.backend.infer
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, src, backend: str = "auto", precision: Optional[str] = None, threads: Optional[int] = None, check_hash: bool = True) -> "Model":
@@ -136,9 +140,9 @@ class Model:
     # ------------------------------------------------------------------ inference
     def run(self, x: np.ndarray) -> np.ndarray:
         """Logits for a preprocessed NCHW float32 batch (no preprocessing here)."""
-        if type(x) is not np.ndarray or x.dtype != np.float32 or x.ndim != 4 or x.shape[1:] != self.preprocess.input_shape:
+        if type(x) is not np.ndarray or x.dtype != np.float32 or x.shape[1:] != self._input_shape or x.ndim != 4:
             self._bad_input(x)
-        return self.backend.infer(x)
+        return self._infer(x)
 
     def _bad_input(self, x) -> None:
         want = ("N", *self.preprocess.input_shape)
