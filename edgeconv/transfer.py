@@ -90,7 +90,8 @@ def train_transfer(cfg, dataset, model: nn.Module, out: Path, meta: dict, loss_f
     feature-extract: frozen base + new head. Without --augment the base runs once over the
     data and the head trains on cached features (the book's fast mode); with --augment the
     frozen base runs inside the loop on augmented images.
-    fine-tune: phase 1 as feature-extract (``cfg.head_epochs``), then the top ``cfg.unfreeze``
+    fine-tune: phase 1 as feature-extract (``cfg.head_epochs``, augmented with --augment as in
+    the book), then the top ``cfg.unfreeze``
     blocks train with the head at ``cfg.fine_tune_lr`` with batch-norm statistics frozen.
     """
     from . import distributed as ddp
@@ -148,7 +149,7 @@ def train_transfer(cfg, dataset, model: nn.Module, out: Path, meta: dict, loss_f
     head_epochs = cfg.epochs if cfg.strategy == "feature-extract" else cfg.head_epochs
     head_params = list(model._fc.parameters())
     opt = make_optimizer(cfg.optimizer, head_params, cfg.lr, cfg.weight_decay)
-    augment = build_augmentation(cfg.augment_preset) if cfg.strategy == "feature-extract" else None
+    augment = build_augmentation(cfg.augment_preset)  # fine-tune too: phase 2 starts from the augmented head, as in the book
     if augment is not None:
         loader = shard(InMemoryLoader(dataset.train, pre, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment), len(dataset.train), cfg.seed)
         forward = lambda x: train_head(base(x))  # noqa: E731
