@@ -31,22 +31,28 @@ from edgeconv_runtime import Model  # noqa: E402
 from edgeconv_runtime.bench import environment  # noqa: E402
 
 
-def per_call(fn, calls: int) -> float:
-    t = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - t) / calls
+def paired(fa, fb, calls: int, rounds: int = 15) -> tuple:
+    """Per-call seconds of ``fa`` and ``fb`` in alternating blocks, and the median of the per-round
+    ratios fb/fa: adjacent blocks share the machine's state, so drift cancels out of the ratio.
 
+    Blocks, not single calls: each engine keeps worker threads spin-waiting after a call, which
+    would steal the cores from the other one; a pause before each block lets them park.
+    """
+    def block(fn):
+        time.sleep(0.1)
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t) / calls
 
-def interleaved(fns: dict, calls: int, rounds: int) -> dict:
-    """Median per-call seconds of each fn, measured in alternating blocks so noise hits all alike."""
-    for fn in fns.values():
-        per_call(fn, max(3, calls // 5))
-    samples = {k: [] for k in fns}
+    block(fa), block(fb)  # warm-up
+    ta, tb, ratios = [], [], []
     for _ in range(rounds):
-        for k, fn in fns.items():
-            samples[k].append(per_call(fn, calls))
-    return {k: statistics.median(v) for k, v in samples.items()}
+        a, b = block(fa), block(fb)
+        ta.append(a)
+        tb.append(b)
+        ratios.append(b / a)
+    return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
 
 
 def bare_session(model: Model):
@@ -75,8 +81,11 @@ def torch_model(run_dir: str):
 
 def _fresh_process(body: str, repeats: int) -> dict:
     """Run ``body`` in fresh interpreters; median wall time from start of imports, and peak RSS."""
-    code = "import time, resource; t = time.perf_counter()\n" + body + (
-        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
+    # peak RSS from VmHWM: ru_maxrss would count the parent's pages that the fork carried over
+    code = "import time; t = time.perf_counter()\n" + body + (
+        "dt = time.perf_counter() - t\n"
+        "hwm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+        "print(dt, hwm / 1024)\n")
     runs = []
     for _ in range(repeats):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
@@ -117,7 +126,7 @@ def make_bundles(work: Path) -> dict:
     return {k: str(v) for k, v in out.items()}
 
 
-def measure(name: str, bundle: str, run_dir: str, calls: int, rounds: int) -> dict:
+def measure(name: str, bundle: str, run_dir: str, calls: int) -> dict:
     import torch
 
     ref = json.loads((Path(bundle) / "manifest.json").read_text())["reference"]
@@ -133,23 +142,23 @@ def measure(name: str, bundle: str, run_dir: str, calls: int, rounds: int) -> di
         with torch.inference_mode():
             return tm(xt)
 
-    t = interleaved({
-        "bare_session": lambda: sess.run(None, {in_name: x1}),
-        "model_run_fp32": lambda: fp32.run(x1),
-        "model_run_int8": lambda: int8.run(x1),
-        "pytorch_eager": eager,
-        "end_to_end_fp32": lambda: fp32.predict(jpeg, top_k=1),
-    }, calls, rounds)
+    bare, run, r_over = paired(lambda: sess.run(None, {in_name: x1}), lambda: fp32.run(x1), calls)
+    run2, int8_t, r_int8 = paired(lambda: fp32.run(x1), lambda: int8.run(x1), calls)
+    run3, eager_t, r_eager = paired(lambda: fp32.run(x1), eager, calls)
+    run4, e2e, r_e2e = paired(lambda: fp32.run(x1), lambda: fp32.predict(jpeg, top_k=1), calls)
+    t = {"bare_session": bare, "model_run_fp32": run, "model_run_int8": int8_t, "pytorch_eager": eager_t, "end_to_end_fp32": e2e,
+         "fp32_beside_int8": run2, "fp32_beside_eager": run3, "fp32_beside_e2e": run4}
     us = {k: v * 1e6 for k, v in t.items()}
     return {
         "model": name,
         "threads": fp32.backend.threads,
         "times_us": us,
-        "overhead_ratio": us["model_run_fp32"] / us["bare_session"],
-        "overhead_us": us["model_run_fp32"] - us["bare_session"],
-        "ort_fp32_vs_eager_speedup": us["pytorch_eager"] / us["model_run_fp32"],
-        "int8_vs_fp32_speedup": us["model_run_fp32"] / us["model_run_int8"],
-        "end_to_end_over_model_only": us["end_to_end_fp32"] / us["model_run_fp32"],
+        # each ratio: the median over rounds of adjacent alternating blocks
+        "overhead_ratio": r_over,
+        "overhead_us": us["bare_session"] * (r_over - 1),
+        "ort_fp32_vs_eager_speedup": r_eager,
+        "int8_vs_fp32_speedup": 1 / r_int8,
+        "end_to_end_over_model_only": r_e2e,
         "cold_start": cold_start(bundle, str(Path(bundle) / ref["images"][0])),
         "cold_start_pytorch": cold_start_torch(run_dir, str(Path(bundle) / ref["images"][0])),
     }
@@ -162,14 +171,13 @@ def main() -> None:
     ap.add_argument("--mnist-bundle")
     ap.add_argument("--mnist-run")
     ap.add_argument("--work", default="/tmp/edgeconv-bench-backends")
-    ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
     paths = {k: getattr(args, k) for k in ("lite0_bundle", "lite0_run", "mnist_bundle", "mnist_run")}
     if not all(paths.values()):
         paths = make_bundles(Path(args.work))
     results = [
-        measure("chollet_mnist", paths["mnist_bundle"], paths["mnist_run"], calls=2000, rounds=args.rounds),
-        measure("efficientnet_lite0", paths["lite0_bundle"], paths["lite0_run"], calls=60, rounds=args.rounds),
+        measure("chollet_mnist", paths["mnist_bundle"], paths["mnist_run"], calls=1000),
+        measure("efficientnet_lite0", paths["lite0_bundle"], paths["lite0_run"], calls=20),
     ]
     targets = {"chollet_mnist": {"overhead_us": 5, "ort_fp32_vs_eager_speedup": 4.0},
                "efficientnet_lite0": {"overhead_ratio": 1.05, "ort_fp32_vs_eager_speedup": 3.5, "int8_vs_fp32_speedup": 2.0,
@@ -179,12 +187,11 @@ def main() -> None:
         t = r["times_us"]
         rows.append({
             "model": r["model"], "threads": r["threads"],
-            "bare ORT us": f"{t['bare_session']:.1f}", "Model.run us": f"{t['model_run_fp32']:.1f}",
-            "overhead": f"{100 * (r['overhead_ratio'] - 1):+.1f} % ({r['overhead_us']:+.2f} us)",
-            "eager us": f"{t['pytorch_eager']:.1f}", "ORT/eager": f"{r['ort_fp32_vs_eager_speedup']:.2f}x",
-            "int8 us": f"{t['model_run_int8']:.1f}", "INT8/FP32": f"{r['int8_vs_fp32_speedup']:.2f}x",
-            "e2e/model": f"{r['end_to_end_over_model_only']:.2f}x",
-            "cold start s": f"{r['cold_start']['cold_start_s_median']:.3f}", "peak RSS MB": f"{r['cold_start']['peak_rss_mb_median']:.0f}",
+            "bare ORT -> Model.run us": f"{t['bare_session']:.1f} -> {t['model_run_fp32']:.1f} ({100 * (r['overhead_ratio'] - 1):+.1f} %, {r['overhead_us']:+.2f} us)",
+            "eager vs ORT fp32 us": f"{t['pytorch_eager']:.1f} vs {t['fp32_beside_eager']:.1f} ({r['ort_fp32_vs_eager_speedup']:.2f}x)",
+            "fp32 vs int8 us": f"{t['fp32_beside_int8']:.1f} vs {t['model_run_int8']:.1f} ({r['int8_vs_fp32_speedup']:.2f}x)",
+            "e2e vs model us": f"{t['end_to_end_fp32']:.1f} vs {t['fp32_beside_e2e']:.1f} ({r['end_to_end_over_model_only']:.2f}x)",
+            "cold s / peak MB": f"{r['cold_start']['cold_start_s_median']:.3f} / {r['cold_start']['peak_rss_mb_median']:.0f}",
             "torch cold s / MB": f"{r['cold_start_pytorch']['cold_start_s_median']:.2f} / {r['cold_start_pytorch']['peak_rss_mb_median']:.0f}",
         })
     print(table(rows, list(rows[0])))
