@@ -75,10 +75,12 @@ class Model:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, src, backend: str = "auto", precision: Optional[str] = None, threads: Optional[int] = None, check_hash: bool = True) -> "Model":
+    def load(cls, src, backend: str = "auto", precision: Optional[str] = None, threads: Optional[int] = None, check_hash: bool = True,
+             spin: bool = True) -> "Model":
         """Load a bundle directory, a bare edgeconv .onnx, or a TensorRT engine inside a bundle.
 
         ``backend="auto"`` picks the fastest usable backend for which the bundle has an artifact.
+        ``spin=False`` lets idle CPU inference threads sleep (for servers sharing their cores).
         """
         t0 = time.perf_counter()
         path = Path(src)
@@ -103,7 +105,7 @@ class Model:
                     errors.append(f"{name}: bundle has no {fmt} {precision} artifact")
                     continue
                 artifact, _ = bundle.artifact(fmt, precision, check_hash)
-                be = create_backend(name, str(artifact), threads)
+                be = create_backend(name, str(artifact), threads, spin)
                 return cls(bundle, be, precision, artifact, time.perf_counter() - t0)
             if backend != "auto" and errors and "no " in errors[-1] and "artifact" in errors[-1]:
                 bundle.artifact("tensorrt" if backend == "tensorrt" else "onnx", precision)  # raises the precise message
@@ -116,7 +118,7 @@ class Model:
         if path.suffix != ".onnx":
             raise EdgeconvError(f"{src} is neither a bundle directory, a .onnx file nor a TensorRT engine (.plan)")
         name = "onnxruntime-cpu" if backend == "auto" else backend
-        be = create_backend(name, str(path), threads)
+        be = create_backend(name, str(path), threads, spin)
         meta = be.session.get_modelmeta().custom_metadata_map if hasattr(be, "session") else {}
         if (path.parent / "manifest.json").is_file():
             bundle = read_bundle(path.parent)

@@ -156,7 +156,7 @@ def create_app(cfg: ServeConfig, model=None):
 
     state = {"ready": False, "verify": None}
     registry, m = _metrics()
-    model = model or Model.load(cfg.bundle, backend=cfg.backend, precision=cfg.precision, threads=cfg.threads)
+    model = model or Model.load(cfg.bundle, backend=cfg.backend, precision=cfg.precision, threads=cfg.threads, spin=False)
     artifact_sha = next((a.get("sha256") for a in model.bundle.manifest.get("artifacts", []) if a["file"] == model.artifact.name), None)
     ident = {"name": model.bundle.name, "sha256": artifact_sha, "precision": model.precision, "backend": model.backend_name}
     decode_pool = ThreadPoolExecutor(max_workers=max(1, cfg.workers), thread_name_prefix="edgeconv-decode")

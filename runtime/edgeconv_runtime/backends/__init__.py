@@ -31,14 +31,14 @@ def available_backends() -> dict:
     return out
 
 
-def create_backend(name: str, path: str, threads: Optional[int] = None) -> Backend:
+def create_backend(name: str, path: str, threads: Optional[int] = None, spin: bool = True) -> Backend:
     if name not in BACKENDS:
         raise EdgeconvError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)} or auto")
     ok, why = available_backends()[name]
     if not ok:
         raise BackendUnavailable(f"backend {name} is unavailable here: {why}")
     cls, provider = BACKENDS[name]
-    return cls(path, provider=provider, threads=threads) if provider else cls(path, threads=threads)
+    return cls(path, provider=provider, threads=threads, spin=spin) if provider else cls(path, threads=threads)
 
 
 __all__ = ["AUTO_ORDER", "BACKENDS", "Backend", "available_backends", "create_backend"]

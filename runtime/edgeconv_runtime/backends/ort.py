@@ -45,7 +45,7 @@ def default_threads() -> int:
 
 
 class OrtBackend(Backend):
-    def __init__(self, path: str, provider: str = "CPUExecutionProvider", threads: Optional[int] = None):
+    def __init__(self, path: str, provider: str = "CPUExecutionProvider", threads: Optional[int] = None, spin: bool = True):
         import onnxruntime as ort
 
         self.name = _NAMES.get(provider, provider)
@@ -55,6 +55,9 @@ class OrtBackend(Backend):
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.intra_op_num_threads = threads or default_threads()
         so.inter_op_num_threads = 1
+        if not spin:
+            # a server shares its cores with decoding and HTTP: idle inference threads must sleep, not spin
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.threads = so.intra_op_num_threads
         providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
         try:
