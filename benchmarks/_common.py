@@ -1,7 +1,6 @@
 """Helpers for benchmark scripts: where the shared data lives, table printing, JSON output."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 from pathlib import Path

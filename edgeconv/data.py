@@ -368,7 +368,6 @@ def load_dataset(
         test_source = tinfo.path
     if skipped:
         log.warning("skipped %d unreadable or truncated image(s)", skipped)
-    fp_info = info
     return Dataset(
         source=info.path,
         classes=list(info.classes),
@@ -376,7 +375,7 @@ def load_dataset(
         val=val,
         test=test,
         preprocess=pre,
-        fingerprint=fingerprint(fp_info),
+        fingerprint=fingerprint(info),
         val_carved=carved,
         test_source=test_source,
         skipped=skipped,

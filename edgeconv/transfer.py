@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeconv_runtime.errors import EdgeconvError
 
 from . import checkpoint as ckpt
 from .augment import build_augmentation

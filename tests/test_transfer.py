@@ -1,15 +1,13 @@
-import json
 import socket
 
-import numpy as np
 import pytest
 import skimage.data
 import torch
 
 from edgeconv.models import create_model, get_model_entry
 from edgeconv.models.efficientnet_lite import WEIGHTS, weights_path
-from edgeconv.train import TrainConfig, build_preprocess, train
-from edgeconv.data import inspect_source, load_dataset
+from edgeconv.train import TrainConfig, train
+from edgeconv.data import load_dataset
 from edgeconv_runtime.errors import EdgeconvError
 from edgeconv_runtime.fileio import sha256_file
 from edgeconv_runtime.preprocess import Preprocess, preprocess_images

@@ -7,7 +7,6 @@ the same files build with the FP16/INT8 builder flags instead.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass

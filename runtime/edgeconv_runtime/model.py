@@ -1,7 +1,6 @@
 """``Model``: load a bundle (or a bare .onnx / engine) and predict, evaluate, verify."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -7,7 +7,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import BackendUnavailable, EdgeconvError
+from ..errors import EdgeconvError
 from ..gpu import gpu_info
 from .base import Backend
 
