@@ -165,7 +165,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     """Measure every combination in ``cfg``; returns {"environment", "rows", "skipped"}."""
     from .bundle import read_bundle
     from .model import Model, softmax
-    from .preprocess import load_pixels, normalize
+    from .preprocess import preprocess_images
 
     bundle = read_bundle(cfg.bundle)
     ref = bundle.manifest.get("reference") or {}
@@ -205,7 +205,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                 pre = model.preprocess
 
                 def e2e():
-                    px = normalize(np.stack([load_pixels(b, pre, strict=False) for b in batch_bytes]), pre)
+                    px = preprocess_images(batch_bytes, pre, strict=False)
                     p = softmax(model.run(px))
                     return [model.classes[i] for i in p.argmax(1)]
 

@@ -11,7 +11,7 @@ import numpy as np
 from .backends import AUTO_ORDER, available_backends, create_backend
 from .bundle import ENGINE_SUFFIXES, Bundle, bundle_from_onnx_metadata, read_bundle
 from .errors import BackendUnavailable, EdgeconvError
-from .preprocess import IMAGE_SOURCE_TYPES, load_pixels, normalize
+from .preprocess import IMAGE_SOURCE_TYPES, load_pixels, normalize, preprocess_images
 
 PRECISIONS = ("fp32", "fp16", "int8")
 # verify tolerances against the PyTorch FP32 reference outputs, per precision
@@ -155,10 +155,9 @@ class Model:
 
     def preprocess_images(self, images: Sequence) -> np.ndarray:
         """Decode + resize + normalise, exactly as training's evaluation transform."""
-        pre = self.preprocess
         if isinstance(images, np.ndarray) and images.ndim == 4:
             images = list(images)
-        return normalize(np.stack([load_pixels(im, pre) for im in images]), pre)
+        return preprocess_images(images, self.preprocess)
 
     def predict(self, images, top_k: int = 5, batch_size: int = 32):
         """Class names and probabilities for one image or many (paths, bytes, PIL images, HWC uint8 arrays)."""
@@ -241,7 +240,7 @@ class Model:
         # preprocessing drift: the reference images through this machine's decode/resize
         images = ref.get("images") or []
         if images:
-            px = normalize(np.stack([load_pixels(root / f, self.preprocess, strict=False) for f in images]), self.preprocess)
+            px = preprocess_images([root / f for f in images], self.preprocess, strict=False)
             report["preprocess_max_abs_diff"] = float(np.abs(px - x[: len(px)]).max())
         tol = VERIFY_TOLERANCE[self.precision]
         problems = []

@@ -152,7 +152,6 @@ def create_app(cfg: ServeConfig, model=None):
     except ImportError as exc:
         raise EdgeconvError(INSTALL_HINT) from exc
     from .model import Model, softmax
-    from .preprocess import load_pixels, normalize
 
     state = {"ready": False, "verify": None}
     registry, m = _metrics()
@@ -178,10 +177,6 @@ def create_app(cfg: ServeConfig, model=None):
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def decode_many(blobs: list) -> np.ndarray:
-        pre = model.preprocess
-        return normalize(np.stack([load_pixels(b, pre) for b in blobs]), pre)
-
     async def predict(request: Request):
         t0 = time.perf_counter()
         try:
@@ -196,7 +191,7 @@ def create_app(cfg: ServeConfig, model=None):
                 blobs = [body]
             loop = asyncio.get_running_loop()
             try:
-                x = await loop.run_in_executor(decode_pool, decode_many, blobs)
+                x = await loop.run_in_executor(decode_pool, model.preprocess_images, blobs)
             except EdgeconvError as exc:
                 return error(400, str(exc))
             m["queue"].set(batcher.pending)
