@@ -254,25 +254,32 @@ def _load_arrays(pair: tuple) -> tuple:
     return x.reshape(x.shape[0], x.shape[1], x.shape[2], 1), y
 
 
-def _decode_folder(split_dir: Path, classes: list, pre: Preprocess, workers: int) -> tuple:
-    items = [(p, ci) for ci, c in enumerate(classes) for p in _list_images(split_dir / c)]
+def _decode_files(files: list, pre: Preprocess, workers: int) -> tuple:
+    """Decode ``files`` in a thread pool (PIL releases the GIL); unreadable ones are dropped.
 
-    def decode(item):
+    Returns (pixels of the readable files, their indices into ``files``).
+    """
+
+    def decode(p):
         try:
-            return load_pixels(item[0], pre, strict=False)
+            return load_pixels(p, pre, strict=False)
         except EdgeconvError:
             return None
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        decoded = list(pool.map(decode, items, chunksize=16))
+        decoded = list(pool.map(decode, files, chunksize=16))
     keep = [i for i, px in enumerate(decoded) if px is not None]
-    skipped = len(items) - len(keep)
+    return (np.stack([decoded[i] for i in keep]) if keep else None), keep
+
+
+def _decode_folder(split_dir: Path, classes: list, pre: Preprocess, workers: int) -> tuple:
+    items = [(p, ci) for ci, c in enumerate(classes) for p in _list_images(split_dir / c)]
+    pixels, keep = _decode_files([p for p, _ in items], pre, workers)
     if not keep:
         raise EdgeconvError(f"split {split_dir} has no readable images; check the files")
-    pixels = np.stack([decoded[i] for i in keep])
     labels = np.asarray([items[i][1] for i in keep], dtype=np.int64)
     files = [str(items[i][0]) for i in keep]
-    return pixels, labels, files, skipped
+    return pixels, labels, files, len(items) - len(keep)
 
 
 # --------------------------------------------------------------------------- fingerprint
@@ -395,18 +402,9 @@ def load_images_recursive(path: str, pre: Preprocess, limit: Optional[int] = Non
         raise EdgeconvError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...); pass a folder of real images")
     if limit is not None and len(files) > limit:
         files = [files[i] for i in sorted(np.random.default_rng(seed).choice(len(files), limit, replace=False))]
-
-    def decode(p):
-        try:
-            return load_pixels(p, pre, strict=False)
-        except EdgeconvError:
-            return None
-
-    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
-        decoded = list(pool.map(decode, files, chunksize=16))
-    keep = [i for i, px in enumerate(decoded) if px is not None]
+    pixels, keep = _decode_files(files, pre, workers or min(4, os.cpu_count() or 1))
     if not keep:
         raise EdgeconvError(f"no readable images in {path}; check the files")
     if len(keep) < len(files):
         log.warning("skipped %d unreadable or truncated image(s) in %s", len(files) - len(keep), path)
-    return np.stack([decoded[i] for i in keep]), [str(files[i]) for i in keep]
+    return pixels, [str(files[i]) for i in keep]
