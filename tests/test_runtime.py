@@ -191,3 +191,16 @@ def test_runtime_source_has_no_torch_imports():
         text = f.read_text()
         assert "import torch" not in text and "from torch" not in text, f
         assert "import edgeconv." not in text and "from edgeconv " not in text and "from edgeconv." not in text, f
+
+
+@pytest.mark.parametrize("channels,mean,std", [(3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), (3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), (1, (0.0,), (1.0,))])
+def test_normalize_is_the_formula_per_pixel_in_nchw(channels, mean, std):
+    from edgeconv_runtime.preprocess import Preprocess, normalize
+
+    pre = Preprocess(size=(5, 7), channels=channels, mean=mean, std=std)
+    px = np.random.default_rng(channels).integers(0, 256, (2, 5, 7, channels), dtype=np.uint8)
+    x = normalize(px, pre)
+    assert x.shape == (2, channels, 5, 7) and x.dtype == np.float32 and x.flags.c_contiguous
+    for n, c, i, j in [(0, 0, 0, 0), (1, channels - 1, 4, 6), (1, 0, 2, 3), (0, channels - 1, 3, 1)]:
+        assert x[n, c, i, j] == pytest.approx((px[n, i, j, c] / 255.0 - mean[c]) / std[c], abs=1e-6)
+    assert np.array_equal(normalize(px[0], pre), x[:1])  # one HWC image = a batch of one
