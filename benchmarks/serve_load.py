@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -40,6 +41,43 @@ def start(bundle: str, *args) -> tuple:
             pass
         time.sleep(0.1)
     raise RuntimeError("server not ready")
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU time of a process (all its threads)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def mean_batch(url: str) -> float:
+    """Mean images per inference from the server's own /metrics."""
+    import httpx
+
+    text = httpx.get(url + "/metrics").text
+    val = {k: float(m.group(1)) for k in ("sum", "count") if (m := re.search(rf"^edgeconv_batch_size_{k} (\S+)$", text, re.M))}
+    return val.get("sum", 0) / max(val.get("count", 0), 1)
+
+
+def model_only(bundle: str, precision: str, max_batch: int) -> dict:
+    """The model's own batch gain in this process, with the server's settings (no ORT spin-waiting)."""
+    from edgeconv_runtime import Model
+
+    model = Model.load(bundle, precision=precision, spin=False)
+    x = np.zeros((max_batch, *model.preprocess.input_shape), dtype=np.float32)
+    out = {}
+    for b in sorted({1, 8, max_batch}):
+        xb = x[:b]
+        model.run(xb)
+        best = float("inf")
+        for _ in range(5):  # best of 5 blocks of ~64 images
+            n = max(2, 64 // b)
+            t = time.perf_counter()
+            for _ in range(n):
+                model.run(xb)
+            best = min(best, (time.perf_counter() - t) / (n * b))
+        out[b] = 1.0 / best
+    model.close()
+    return {"images_per_s": out, "batch_gain": max(out.values()) / out[1]}
 
 
 def rss_mb(pid: int) -> float:
@@ -144,6 +182,8 @@ def main() -> None:
     ap.add_argument("--data", default=str(SHARED / "cats_and_dogs_small" / "test"))
     ap.add_argument("--requests", type=int, default=5000)
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--max-batch", type=int, default=32, help="server --max-batch with batching on")
+    ap.add_argument("--max-delay-ms", type=float, default=5.0)
     args = ap.parse_args()
     from edgeconv_runtime import Model
 
@@ -153,11 +193,17 @@ def main() -> None:
     expected = [(p.labels[0], p.probabilities[0]) for p in model.predict(bodies, top_k=1)]
     model.close()
     results = {}
-    for mode, extra in (("batching on", ["--max-batch", "32", "--max-delay-ms", "5"]), ("batching off", ["--max-batch", "1"])):
+    on = ["--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms)]
+    for mode, extra in (("batching on", on), ("batching off", ["--max-batch", "1"])):
         proc, url = start(args.bundle, "--precision", args.precision, "--max-queue", "1024", *extra)
         try:
-            results[mode] = run_load(url, bodies, expected, args.requests, args.concurrency)
-            results[mode]["server_rss_mb"] = rss_mb(proc.pid)
+            cpu0, client0 = cpu_seconds(proc.pid), os.times()
+            results[mode] = r = run_load(url, bodies, expected, args.requests, args.concurrency)
+            client1 = os.times()
+            r["server_cpu_ms_per_request"] = 1e3 * (cpu_seconds(proc.pid) - cpu0) / args.requests
+            r["client_cpu_ms_per_request"] = 1e3 * ((client1.user + client1.system) - (client0.user + client0.system)) / args.requests
+            r["mean_batch"] = mean_batch(url)
+            r["server_rss_mb"] = rss_mb(proc.pid)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -174,13 +220,18 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=60)
     rows = [{"run": k, "requests": v["requests"], "clients": v["concurrency"], "codes": v["codes"], "mismatches": v["mismatches"],
-             "p50 ms": f"{v['p50_ms']:.1f}", "p99 ms": f"{v['p99_ms']:.1f}", "req/s": f"{v['throughput_rps']:.1f}"} for k, v in results.items()]
+             "p50 ms": f"{v['p50_ms']:.1f}", "p99 ms": f"{v['p99_ms']:.1f}", "req/s": f"{v['throughput_rps']:.1f}",
+             "mean batch": f"{v.get('mean_batch', 0):.1f}", "server CPU ms/req": f"{v.get('server_cpu_ms_per_request', 0):.2f}",
+             "client CPU ms/req": f"{v.get('client_cpu_ms_per_request', 0):.2f}"} for k, v in results.items()]
     print(table(rows, list(rows[0])))
     ratio = results["batching on"]["throughput_rps"] / results["batching off"]["throughput_rps"]
     o = results["overload"]
+    ceiling = model_only(args.bundle, args.precision, args.max_batch)
     print(f"batching on/off throughput: {ratio:.2f}x (target >= 1.5x)")
+    print("model alone, same process settings, images/s by batch: "
+          + ", ".join(f"b{b} {v:.0f}" for b, v in ceiling["images_per_s"].items()) + f" -> best/b1 {ceiling['batch_gain']:.2f}x")
     print(f"overload: statuses {o['codes']}, server RSS {o['rss_before_mb']:.0f} -> {o['rss_after_mb']:.0f} MB, /healthz after: {o['healthz_after']}")
-    path = write_json("serve_load.json", {"results": results, "batching_ratio": ratio})
+    path = write_json("serve_load.json", {"results": results, "batching_ratio": ratio, "model_only": ceiling, "args": vars(args)})
     print(f"wrote {path}")
 
 

@@ -38,7 +38,7 @@ class ServeConfig:
     precision: Optional[str] = None
     max_batch: int = 32
     max_delay_ms: float = 5.0
-    max_queue: int = 256  # images waiting for inference; beyond it: 503
+    max_queue: int = 256  # images admitted (decoding, queued or in inference); beyond it: 503 before decoding
     max_body_bytes: int = 10 * 1024 * 1024
     timeout_s: float = 10.0
     workers: int = 2  # decode/preprocess threads
@@ -58,7 +58,7 @@ class Batcher:
         self.max_batch = max(1, max_batch)
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
-        self.pending = 0  # images queued or in inference
+        self.pending = 0  # images admitted: decoding, queued or in inference
         self.queue: asyncio.Queue = asyncio.Queue()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeconv-infer")
         self.on_batch = on_batch
@@ -72,17 +72,24 @@ class Batcher:
             self.task.cancel()
         self.executor.shutdown(wait=True)
 
-    async def submit(self, x: np.ndarray) -> np.ndarray:
-        n = len(x)
+    def reserve(self, n: int) -> None:
+        """Admission control: take ``n`` queue places before any decoding, or raise QueueFull.
+
+        Rejecting before the decode keeps an overloaded server's CPU for the requests it
+        accepted and its memory bounded by the queue, not by the number of connections.
+        """
         if self.pending + n > self.max_queue:
             raise QueueFull()
         self.pending += n
+
+    def release(self, n: int) -> None:
+        self.pending -= n
+
+    async def submit(self, x: np.ndarray) -> np.ndarray:
+        """Queue a reserved batch of images for inference; returns its logits."""
         fut = asyncio.get_running_loop().create_future()
         await self.queue.put((x, fut))
-        try:
-            return await fut
-        finally:
-            self.pending -= n
+        return await fut
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -189,18 +196,23 @@ def create_app(cfg: ServeConfig, model=None):
                 blobs, top_k = _parse_json(body, top_k)
             else:
                 blobs = [body]
-            loop = asyncio.get_running_loop()
             try:
-                x = await loop.run_in_executor(decode_pool, model.preprocess_images, blobs)
-            except EdgeconvError as exc:
-                return error(400, str(exc))
-            m["queue"].set(batcher.pending)
-            try:
-                logits = await asyncio.wait_for(batcher.submit(x), cfg.timeout_s)
+                batcher.reserve(len(blobs))
             except QueueFull:
                 return error(503, "server busy: the inference queue is full; retry shortly", headers={"Retry-After": "1"})
-            except asyncio.TimeoutError:
-                return error(504, f"inference did not finish within {cfg.timeout_s} s")
+            m["queue"].set(batcher.pending)
+            try:
+                loop = asyncio.get_running_loop()
+                try:
+                    x = await loop.run_in_executor(decode_pool, model.preprocess_images, blobs)
+                except EdgeconvError as exc:
+                    return error(400, str(exc))
+                try:
+                    logits = await asyncio.wait_for(batcher.submit(x), cfg.timeout_s)
+                except asyncio.TimeoutError:
+                    return error(504, f"inference did not finish within {cfg.timeout_s} s")
+            finally:
+                batcher.release(len(blobs))
             probs = softmax(logits.astype(np.float64))
             k = max(1, min(int(top_k), len(model.classes)))
             preds = []
