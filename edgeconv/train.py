@@ -1,6 +1,8 @@
 """Training: in-memory loaders, the epoch loop, best-epoch checkpoints, history and curves."""
 from __future__ import annotations
 
+import contextlib
+
 import csv
 import io
 import logging
@@ -53,6 +55,8 @@ class TrainConfig:
     patience: Optional[int] = None
     val_fraction: float = 0.1
     size: Optional[int] = None
+    resize: Optional[str] = None  # stretch | shorter_center_crop; default: the model's
+    ema: Optional[float] = None  # fine-tune: exponential moving average of phase-2 weights
     label_smoothing: float = 0.0
     threads: Optional[int] = None
     progress: bool = True
@@ -83,6 +87,10 @@ class TrainConfig:
             raise EdgeconvError(f"unknown --strategy {c.strategy!r}; use one of {', '.join(STRATEGIES)}")
         if c.strategy != "scratch" and not entry.pretrained:
             raise EdgeconvError(f"{c.model} has no pretrained weights; --strategy {c.strategy} needs a backbone such as efficientnet_lite0")
+        if c.ema is not None and c.strategy != "fine-tune":
+            raise EdgeconvError("--ema averages the weights of fine-tuning's phase 2; use it with --strategy fine-tune")
+        if c.ema is not None and not 0.0 < c.ema < 1.0:
+            raise EdgeconvError(f"--ema {c.ema} is not a decay in (0, 1); try 0.99")
         if c.optimizer not in OPTIMIZERS:
             raise EdgeconvError(f"unknown optimizer {c.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
         if c.lr_schedule not in SCHEDULES:
@@ -251,10 +259,16 @@ def plot_history(out: Path, history: list, title: str) -> None:
     atomic_write_bytes(out / "curves.png", buf.getvalue())
 
 
-def build_preprocess(model_name: str, info, size: Optional[int]) -> Preprocess:
-    """The model's preprocessing for this data: channels and size from the data, policy from the model."""
+def build_preprocess(model_name: str, info, size: Optional[int], resize: Optional[str] = None) -> Preprocess:
+    """The model's preprocessing for this data: channels and size from the data, policy from the model.
+
+    ``resize`` overrides the model's resize policy: ``stretch`` keeps the whole picture (the
+    book's Keras pipeline), ``shorter_center_crop`` keeps the aspect ratio and crops the centre.
+    """
     entry = get_model_entry(model_name)
     p = dict(entry.preprocess)
+    if resize:
+        p["resize"] = resize
     if size:
         hw = (size, size)
     elif info.native_size is not None and entry.default_size is None:
@@ -281,16 +295,49 @@ class Fitted:
     stopped_early: bool
 
 
+class WeightAverage:
+    """Exponential moving average of trained parameters (``--ema``); validation and the saved
+    checkpoint use the averaged weights. The decay warms up as (1 + n) / (10 + n), as in
+    TensorFlow's ExponentialMovingAverage with num_updates, so early steps are not frozen in."""
+
+    def __init__(self, params, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise EdgeconvError(f"--ema {decay} is not a decay in (0, 1); try 0.99")
+        self.params = [p for p in params if p.requires_grad]
+        self.decay = decay
+        self.updates = 0
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - d)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """The averaged weights in place of the live ones for the duration of the block."""
+        live = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in self.params], self.shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.data for p in self.params], live)
+
+
 def fit(forward, set_train, optimizer, scheduler, loss_fn, train_loader, evaluate_val, epochs: int, patience: Optional[int],
         on_improve, on_epoch=None, progress: bool = True, first_epoch: int = 1, label: str = "epoch", bf16: bool = False,
-        reduce=None, resume: Optional[dict] = None) -> Fitted:
+        reduce=None, resume: Optional[dict] = None, ema: Optional[WeightAverage] = None) -> Fitted:
     """The epoch loop shared by every strategy: train steps, validation, best-epoch tracking,
     early stopping on validation loss, progress bar; Ctrl-C stops it and keeps the best so far.
 
     ``forward`` maps a batch to logits (a whole model, or a frozen base's features into a head);
     ``on_improve(epoch, val)`` saves the best weights; ``on_epoch(history, best, bad_epochs)``
     persists the history and the resumable state. ``reduce`` sums epoch figures over DDP ranks;
-    ``resume`` carries history/best/bad_epochs of a run being continued.
+    ``resume`` carries history/best/bad_epochs of a run being continued; with ``ema`` the
+    averaged weights are validated and saved.
     """
     try:
         from tqdm.auto import tqdm
@@ -316,6 +363,8 @@ def fit(forward, set_train, optimizer, scheduler, loss_fn, train_loader, evaluat
                 loss = loss_fn(logits.float(), y)
                 loss.backward()
                 optimizer.step()
+                if ema is not None:
+                    ema.update()
                 if scheduler is not None:
                     scheduler.step()
                 n = len(y)
@@ -333,7 +382,15 @@ def fit(forward, set_train, optimizer, scheduler, loss_fn, train_loader, evaluat
                 seen = int(seen)
             train_seconds += epoch_train
             images_seen += seen
-            v = evaluate_val()
+            with ema.swapped() if ema is not None else contextlib.nullcontext():
+                v = evaluate_val()
+                improved = v["loss"] < best["val_loss"]
+                if improved:
+                    best = {"val_loss": v["loss"], "val_accuracy": v["accuracy"], "epoch": epoch}
+                    bad_epochs = 0
+                    on_improve(epoch, v)
+                else:
+                    bad_epochs += 1
             row = {
                 "epoch": epoch,
                 "train_loss": round(loss_sum / seen, 6),
@@ -345,12 +402,6 @@ def fit(forward, set_train, optimizer, scheduler, loss_fn, train_loader, evaluat
                 "train_images_per_second": round(seen / epoch_train, 1),
             }
             history.append(row)
-            if v["loss"] < best["val_loss"]:
-                best = {"val_loss": v["loss"], "val_accuracy": v["accuracy"], "epoch": epoch}
-                bad_epochs = 0
-                on_improve(epoch, v)
-            else:
-                bad_epochs += 1
             if on_epoch is not None:
                 on_epoch(history, best, bad_epochs, train_seconds, images_seen)
             log.info("%s %d/%d %s", label, epoch, last, {k: row[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")})
@@ -472,7 +523,7 @@ def _train(config: TrainConfig, dataset: Optional[Dataset], resume: bool, ctx) -
     t0 = time.perf_counter()
     if dataset is None:
         info = inspect_source(cfg.data)
-        pre = build_preprocess(cfg.model, info, cfg.size)
+        pre = build_preprocess(cfg.model, info, cfg.size, cfg.resize)
         dataset = load_dataset(cfg.data, pre, test_data=cfg.test_data, val_fraction=cfg.val_fraction, seed=cfg.seed, info=info)
     pre = dataset.preprocess
     load_seconds = time.perf_counter() - t0

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .augment import build_augmentation
-from .train import InMemoryLoader, evaluate, fit, make_optimizer, make_scheduler
+from .train import InMemoryLoader, WeightAverage, evaluate, fit, make_optimizer, make_scheduler
 
 log = logging.getLogger("edgeconv.transfer")
 
@@ -197,9 +197,12 @@ def train_transfer(cfg, dataset, model: nn.Module, out: Path, meta: dict, loss_f
             return evaluate(model, TensorBatches(acts["val"], labels["val"], 128), eval_loss, forward=suffix)
 
         start_val = eval_suffix()
+        ema = WeightAverage(params, cfg.ema) if cfg.ema else None
         f2 = fit(forward, set_train, opt2, sched2, loss_fn, loader, eval_suffix, cfg.epochs, cfg.patience,
                  lambda e, v: save(e, v, "fine-tune"), None, cfg.progress and ctx.is_main, first_epoch=len(f1.history) + 1,
-                 label="fine-tune epoch", reduce=reduce)
+                 label="fine-tune epoch", reduce=reduce, ema=ema)
+        if ema is not None:
+            stats["ema_decay"] = cfg.ema
         history += [dict(h, phase="fine-tune") for h in f2.history]
         stats["train_seconds"] += f2.train_seconds
         stats["images_seen"] += f2.images_seen

@@ -87,6 +87,21 @@ def test_val_dir_alias_and_hymenoptera(hymenoptera_dir):
     assert info.classes == ["ants", "bees"]
 
 
+def test_resize_policy_override_on_non_square_photos(hymenoptera_dir):
+    from PIL import Image
+
+    from edgeconv_runtime.preprocess import load_pixels
+
+    info = inspect_source(str(hymenoptera_dir))
+    crop = build_preprocess("efficientnet_lite0", info, 96)
+    stretch = build_preprocess("efficientnet_lite0", info, 96, resize="stretch")
+    assert (crop.resize, stretch.resize) == ("shorter_center_crop", "stretch") and stretch.mean == crop.mean
+    photo = next(p for p in sorted((hymenoptera_dir / "val" / "ants").iterdir()) if (lambda s: s[0] != s[1])(Image.open(p).size))
+    whole = np.asarray(Image.open(photo).convert("RGB").resize((96, 96), Image.Resampling.BILINEAR))
+    assert np.array_equal(load_pixels(photo, stretch), whole)  # the whole picture, squashed
+    assert not np.array_equal(load_pixels(photo, crop), whole)  # the centre, aspect kept
+
+
 def test_truncated_and_garbage_images_are_skipped_with_one_warning(tmp_path, catsdogs_tiny, caplog):
     root = tmp_path / "d"
     shutil.copytree(catsdogs_tiny, root)

@@ -85,13 +85,41 @@ def test_fine_tune_freezes_what_it_should(catsdogs_tiny):
             assert not torch.equal(before[f"_blocks.{b}.{name}"], after[f"_blocks.{b}.{name}"]), (b, name)
 
 
-def test_fine_tune_strategy_runs_both_phases(tmp_path, catsdogs_tiny):
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_fine_tune_strategy_runs_both_phases(tmp_path, catsdogs_tiny, ema):
     res = train(TrainConfig(data=str(catsdogs_tiny), model="efficientnet_lite0", strategy="fine-tune", head_epochs=3, epochs=2,
-                            unfreeze=2, out=str(tmp_path / "ft"), size=128, progress=False))
+                            unfreeze=2, out=str(tmp_path / "ft"), size=128, progress=False, ema=ema))
     phases = [h["phase"] for h in res.history]
     assert phases == ["head"] * 3 + ["fine-tune"] * 2
     assert [h["epoch"] for h in res.history] == [1, 2, 3, 4, 5]
     assert res.metrics["transfer"]["unfrozen_blocks"] == 2 and res.metrics["test_accuracy"] > 0.5
+    assert res.metrics["transfer"].get("ema_decay") == ema
+
+
+def test_weight_average_tracks_the_steps_and_swaps_back():
+    from edgeconv.train import WeightAverage
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 2)
+    frozen = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    ema = WeightAverage([*net.parameters(), frozen], 0.5)
+    assert len(ema.params) == 2  # only what trains is averaged
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    expected = [p.detach().clone() for p in net.parameters()]
+    for step in range(1, 6):
+        opt.zero_grad()
+        net(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+        ema.update()
+        d = min(0.5, (1 + step) / (10 + step))
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, net.parameters())]
+    live = [p.detach().clone() for p in net.parameters()]
+    with ema.swapped():
+        for p, e in zip(net.parameters(), expected):
+            assert torch.allclose(p, e, atol=1e-6)
+        assert not torch.allclose(net.weight, live[0])
+    for p, w in zip(net.parameters(), live):
+        assert torch.equal(p, w)
 
 
 def test_torchvision_backbone_offline_is_one_line_error(monkeypatch, tmp_path):
@@ -119,5 +147,9 @@ def test_torchvision_backbone_from_local_weights_file(tmp_path):
 def test_strategy_errors():
     with pytest.raises(EdgeconvError, match="has no pretrained weights"):
         TrainConfig(data="mnist-5k", model="chollet_mnist", out="x", strategy="fine-tune").resolved()
+    with pytest.raises(EdgeconvError, match="use it with --strategy fine-tune"):
+        TrainConfig(data="x", model="efficientnet_lite0", out="x", strategy="feature-extract", ema=0.99).resolved()
+    with pytest.raises(EdgeconvError, match="not a decay in"):
+        TrainConfig(data="x", model="efficientnet_lite0", out="x", strategy="fine-tune", ema=1.5).resolved()
     with pytest.raises(EdgeconvError, match="takes RGB images"):
         create_model("efficientnet_lite0", 10, 1, (224, 224))
