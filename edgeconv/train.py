@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-
 import csv
 import io
 import logging
@@ -300,9 +299,7 @@ class WeightAverage:
     checkpoint use the averaged weights. The decay warms up as (1 + n) / (10 + n), as in
     TensorFlow's ExponentialMovingAverage with num_updates, so early steps are not frozen in."""
 
-    def __init__(self, params, decay: float):
-        if not 0.0 < decay < 1.0:
-            raise EdgeconvError(f"--ema {decay} is not a decay in (0, 1); try 0.99")
+    def __init__(self, params, decay: float):  # decay checked with the rest of TrainConfig
         self.params = [p for p in params if p.requires_grad]
         self.decay = decay
         self.updates = 0
@@ -384,8 +381,7 @@ def fit(forward, set_train, optimizer, scheduler, loss_fn, train_loader, evaluat
             images_seen += seen
             with ema.swapped() if ema is not None else contextlib.nullcontext():
                 v = evaluate_val()
-                improved = v["loss"] < best["val_loss"]
-                if improved:
+                if v["loss"] < best["val_loss"]:
                     best = {"val_loss": v["loss"], "val_accuracy": v["accuracy"], "epoch": epoch}
                     bad_epochs = 0
                     on_improve(epoch, v)

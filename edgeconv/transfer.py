@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import nn
 
-
 from . import checkpoint as ckpt
 from .augment import build_augmentation
 from .train import InMemoryLoader, WeightAverage, evaluate, fit, make_optimizer, make_scheduler
