@@ -156,22 +156,34 @@ def test_overload_answers_503_never_500_and_stays_healthy(rgb_bundle, catsdogs_t
 
 
 def test_sigterm_finishes_requests_in_flight(rgb_bundle, catsdogs_tiny):
-    server = Server(rgb_bundle, "--max-batch", "1")
+    # a long batching delay holds all 16 requests in the server's queue when SIGTERM lands
+    server = Server(rgb_bundle, "--max-batch", "64", "--max-delay-ms", "3000")
     body = jpegs(catsdogs_tiny, 2)[0].read_bytes()
-    results = []
+    results, failures = [], []
 
     def call():
-        results.append(httpx.post(server.url + "/v1/predict", content=body, headers={"content-type": "image/jpeg"}, timeout=60).status_code)
+        try:
+            results.append(httpx.post(server.url + "/v1/predict", content=body, headers={"content-type": "image/jpeg"}, timeout=60).status_code)
+        except httpx.HTTPError as exc:
+            failures.append(repr(exc))
 
     threads = [threading.Thread(target=call) for _ in range(16)]
     for t in threads:
         t.start()
-    time.sleep(0.05)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        depth = re.search(r"^edgeconv_queue_depth (\S+)$", httpx.get(server.url + "/metrics").text, re.M)
+        if float(depth.group(1)) == 16:
+            break
+        time.sleep(0.02)
+    else:
+        raise AssertionError("the 16 requests never all reached the queue")
     rc = server.stop(signal.SIGTERM)
     for t in threads:
         t.join()
     assert rc == 0
-    assert results and all(code == 200 for code in results), results
+    assert not failures, failures
+    assert results == [200] * 16, results
 
 
 def test_fuzzed_bodies_and_headers_never_500(rgb_server, catsdogs_tiny):
