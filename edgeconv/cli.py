@@ -86,6 +86,8 @@ def train_options(fn):
                      help="Pretrained backbones: feature-extract (default), fine-tune, or scratch (random weights)."),
         click.option("--unfreeze", type=int, default=3, show_default=True, help="fine-tune: top blocks to unfreeze in phase 2."),
         click.option("--head-epochs", type=int, default=10, show_default=True, help="fine-tune: phase 1 epochs (head only)."),
+        click.option("--head-augment/--no-head-augment", default=True, show_default=True,
+                     help="fine-tune with --augment: augment phase 1 too (the book's); --no-head-augment trains the head on cached features in seconds."),
         click.option("--fine-tune-lr", type=float, default=None, help="fine-tune: phase 2 learning rate (default --lr / 10)."),
         click.option("--ema", type=float, default=None, help="fine-tune: validate and keep an exponential moving average of phase-2 weights with this decay (e.g. 0.99)."),
         click.option("--weights", type=click.Path(), default=None, help="Local ImageNet weights file for a backbone (offline use)."),

@@ -63,6 +63,7 @@ class TrainConfig:
     strategy: Optional[str] = None  # scratch | feature-extract | fine-tune (pretrained backbones)
     unfreeze: int = 3  # fine-tune: top blocks to unfreeze
     head_epochs: int = 10  # fine-tune: phase 1 (head only) epochs
+    head_augment: bool = True  # fine-tune: augment phase 1 too (False: the head trains on cached features, in seconds)
     fine_tune_lr: Optional[float] = None  # fine-tune: phase 2 learning rate (default lr / 10)
     weights: Optional[str] = None  # local ImageNet weights file for a backbone
     channels_last: bool = True  # NHWC memory layout: oneDNN's fast path for CPU convolutions

@@ -147,7 +147,11 @@ def train_transfer(cfg, dataset, model: nn.Module, out: Path, meta: dict, loss_f
     head_epochs = cfg.epochs if cfg.strategy == "feature-extract" else cfg.head_epochs
     head_params = list(model._fc.parameters())
     opt = make_optimizer(cfg.optimizer, head_params, cfg.lr, cfg.weight_decay)
-    augment = build_augmentation(cfg.augment_preset)  # fine-tune too: phase 2 starts from the augmented head, as in the book
+    # fine-tune augments phase 1 too by default, as the book does; --no-head-augment trains the
+    # head on cached features (seconds) and keeps augmentation for phase 2
+    head_aug = cfg.strategy == "feature-extract" or cfg.head_augment
+    augment = build_augmentation(cfg.augment_preset) if head_aug else None
+    stats["head_augmented"] = augment is not None
     if augment is not None:
         loader = shard(InMemoryLoader(dataset.train, pre, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment), len(dataset.train), cfg.seed)
         forward = lambda x: train_head(base(x))  # noqa: E731

@@ -96,6 +96,26 @@ def test_fine_tune_strategy_runs_both_phases(tmp_path, catsdogs_tiny, ema):
     assert res.metrics["transfer"].get("ema_decay") == ema
 
 
+@pytest.mark.parametrize("head_augment", [True, False])
+def test_fine_tune_head_augment_chooses_phase_1_input(tmp_path, catsdogs_tiny, monkeypatch, head_augment):
+    """--no-head-augment: phase 1 trains on cached features, only phase 2 sees augmented images."""
+    import edgeconv.transfer as transfer
+
+    made = []
+
+    class Recording(transfer.InMemoryLoader):
+        def __init__(self, *a, **kw):
+            made.append(kw.get("augment") is not None)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(transfer, "InMemoryLoader", Recording)
+    res = train(TrainConfig(data=str(catsdogs_tiny), model="efficientnet_lite0", strategy="fine-tune", augment=True, head_augment=head_augment,
+                            head_epochs=2, epochs=1, unfreeze=1, out=str(tmp_path / "ft"), size=128, progress=False))
+    assert made.count(True) == (2 if head_augment else 1)  # an augmented loader for each augmented phase
+    assert res.metrics["transfer"]["head_augmented"] is head_augment
+    assert [h["phase"] for h in res.history] == ["head"] * 2 + ["fine-tune"]
+
+
 def test_weight_average_tracks_the_steps_and_swaps_back():
     from edgeconv.train import WeightAverage
 
