@@ -70,7 +70,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
         m = res.metrics
         rows.append({
-            "rung": key, "method": name, "model": m["model"], "strategy": m["strategy"], "size": res_size(runs / f"rung{key}"), "seed": args.seed,
+            "rung": key, "method": name, "model": m["model"], "strategy": m["strategy"], "size": res_size(runs / f"rung{key}"), "seed": m["seed"],
             "test_accuracy": round(m["test_accuracy"], 4), "book": book, "epochs": m["epochs_run"],
             "wall_s": round(wall, 1), "train_images_per_s": m["train_images_per_second"],
             "feature_images_per_s": (m.get("transfer") or {}).get("feature_images_per_second"),

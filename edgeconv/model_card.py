@@ -23,7 +23,8 @@ def build_card(dataset, metrics: dict, config: dict, history: list) -> dict:
         "data": {"source": d["source"], "test_source": d["test_source"], "fingerprint": d["fingerprint"], "classes": d["classes"],
                  "class_counts": d["class_counts"], "val_carved_from_train": d["val_carved_from_train"], "skipped_images": d["skipped_images"]},
         "training": {k: config.get(k) for k in ("seed", "epochs", "optimizer", "lr", "lr_schedule", "batch_size", "weight_decay", "dropout",
-                                                 "label_smoothing", "unfreeze", "head_epochs", "fine_tune_lr", "bf16", "channels_last")}
+                                                 "label_smoothing", "unfreeze", "head_epochs", "head_augment", "fine_tune_lr", "ema",
+                                                 "bf16", "channels_last")}
         | {"epochs_run": metrics["epochs_run"], "best_epoch": metrics["best_epoch"], "stopped_early": metrics["stopped_early"],
            "train_seconds": metrics["train_seconds"], "world_size": metrics.get("world_size", 1),
            "augmentation": {"preset": preset, **PRESETS[preset]} if preset else None},

@@ -1,3 +1,4 @@
+import json
 import socket
 
 import pytest
@@ -113,6 +114,7 @@ def test_fine_tune_head_augment_chooses_phase_1_input(tmp_path, catsdogs_tiny, m
                             head_epochs=2, epochs=1, unfreeze=1, out=str(tmp_path / "ft"), size=128, progress=False))
     assert made.count(True) == (2 if head_augment else 1)  # an augmented loader for each augmented phase
     assert res.metrics["transfer"]["head_augmented"] is head_augment
+    assert json.loads((tmp_path / "ft" / "model_card.json").read_text())["training"]["head_augment"] is head_augment
     assert [h["phase"] for h in res.history] == ["head"] * 2 + ["fine-tune"]
 
 
