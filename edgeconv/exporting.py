@@ -116,7 +116,7 @@ def export_run(req: ExportRequest):
         manifest = export_bundle(inputs, req.out, opts)
         from .model_card import extend_card
 
-        extend_card(path.parent, Path(req.out), export=manifest.artifacts)
+        extend_card(path.parent, Path(req.out), export=[a.to_dict() for a in manifest.artifacts])
         return manifest
     # Triton: build the bundle aside, then lay its artifact out as a model repository at --out
     import tempfile

@@ -18,20 +18,18 @@ from typing import Optional
 import numpy as np
 
 from edgeconv_runtime.errors import EdgeconvError
-from edgeconv_runtime.fileio import atomic_directory, atomic_write_json, sha256_file
+from edgeconv_runtime.fileio import atomic_directory, sha256_file
+from edgeconv_runtime.manifest import INT8_TENSORRT_ONNX, ONNX_FILES, PRECISIONS, Artifact, Manifest, read_manifest, write_manifest
+from edgeconv_runtime.parity import TOLERANCES, parity_report, tolerance_problems
 from edgeconv_runtime.preprocess import Preprocess
 
 from . import onnx as onnx_io
-from .manifest import MANIFEST_NAME, Artifact, Manifest
-from .parity import parity_report
-from .precision import CALIBRATION_METHODS, PRECISIONS, calibrate_int8, convert_fp16
+from .precision import CALIBRATION_METHODS, INT8_CPU_PURPOSE, INT8_TENSORRT_PURPOSE, calibrate_int8, convert_fp16
 
 log = logging.getLogger("edgeconv.export")
 
 FORMATS = ("onnx", "tensorrt", "triton")
-ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
-ENGINE_FILES = {"fp32": "model.plan", "fp16": "model.fp16.plan", "int8": "model.int8.plan"}
-FP32_MAX_ABS = 1e-4  # ONNX Runtime vs PyTorch on CPU agree to ~1e-6; 1e-4 leaves room, catches real drift
+FP32_MAX_ABS = TOLERANCES["fp32"]["export_max_abs_diff"]  # why it differs from the device's limit: parity.py
 REFERENCE_IMAGES = 8
 
 
@@ -98,8 +96,19 @@ def library_versions() -> dict:
 
 
 def _fp32_agrees(report: dict) -> bool:
-    """FP32 must match PyTorch: every top-1 the same and every logit within FP32_MAX_ABS."""
-    return report["top1_agreement"] == 1.0 and report["max_abs_diff"] <= FP32_MAX_ABS
+    """FP32 must match PyTorch: every top-1 the same and every logit within the export limit."""
+    return report["top1_agreement"] == 1.0 and not tolerance_problems(report, "fp32", at_export=True)
+
+
+def runtime_logits(path: Path, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Run an exported file through the runtime's own CPU backend, the code a device will run."""
+    from edgeconv_runtime.backends import create_backend
+
+    backend = create_backend("onnxruntime-cpu", str(path))
+    try:
+        return np.concatenate([backend.infer(np.ascontiguousarray(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]).astype(np.float32)
+    finally:
+        backend.close()
 
 
 def _gate(precision: str, report: dict, fp32_accuracy: float, max_drop: float) -> None:
@@ -149,7 +158,7 @@ def export_bundle(inp: ExportInputs, out: str | Path, opts: ExportOptions) -> Ma
     opts.validate()
     precisions = tuple(dict.fromkeys(("fp32",) + tuple(opts.precisions)))  # FP32 is the reference for the others
     if "tensorrt" in opts.formats:
-        from .tensorrt import require_tensorrt
+        from edgeconv_runtime.engine import require_tensorrt
 
         require_tensorrt()  # before anything is written
     if "int8" in precisions and (inp.calib_x is None or len(inp.calib_x) == 0):
@@ -174,7 +183,7 @@ def export_bundle(inp: ExportInputs, out: str | Path, opts: ExportOptions) -> Ma
             slim = tmp / ".slim.onnx"
             if onnx_io.simplify(raw, slim):
                 onnx_io.check_onnx(slim)
-                r = parity_report(ref_logits, onnx_io.ort_logits(slim, inp.val_x), inp.val_y)
+                r = parity_report(ref_logits, runtime_logits(slim, inp.val_x), inp.val_y)
                 if _fp32_agrees(r):
                     slim.replace(fp32)
                     simplified = True
@@ -199,32 +208,29 @@ def export_bundle(inp: ExportInputs, out: str | Path, opts: ExportOptions) -> Ma
             convert_fp16(fp32, tmp / ONNX_FILES["fp16"])
             onnx_io.set_metadata(tmp / ONNX_FILES["fp16"], metadata)
         if "int8" in precisions:
-            calibration = calibrate_int8(fp32, tmp / ONNX_FILES["int8"], inp.calib_x, opts.calibration_method,
-                                         symmetric_activations="tensorrt" in opts.formats)
+            # two graphs, one calibration: uint8 activations for CPUs, symmetric int8 for TensorRT
+            calibration = calibrate_int8(fp32, tmp / ONNX_FILES["int8"], tmp / INT8_TENSORRT_ONNX, inp.calib_x, opts.calibration_method)
             calibration["source"] = inp.calibration_source
             onnx_io.set_metadata(tmp / ONNX_FILES["int8"], metadata)
+            onnx_io.set_metadata(tmp / INT8_TENSORRT_ONNX, metadata)
 
         fp32_accuracy = None
-        for prec in precisions:
-            path = tmp / ONNX_FILES[prec]
+        onnx_files = [(prec, "default", ONNX_FILES[prec]) for prec in precisions]
+        if "int8" in precisions:
+            onnx_files.append(("int8", "tensorrt", INT8_TENSORRT_ONNX))
+        purposes = {("int8", "default"): INT8_CPU_PURPOSE, ("int8", "tensorrt"): INT8_TENSORRT_PURPOSE}
+        for prec, variant, name in onnx_files:
+            path = tmp / name
             if prec != "fp32":
                 onnx_io.check_onnx(path)
-            report = reports.get(prec) or parity_report(ref_logits, onnx_io.ort_logits(path, inp.val_x), inp.val_y)
+            report = reports.get(prec) or parity_report(ref_logits, runtime_logits(path, inp.val_x), inp.val_y)
             report["backend"] = "onnxruntime-cpu"
             if prec == "fp32":
                 fp32_accuracy = report["accuracy"]
             _gate(prec, report, fp32_accuracy, opts.max_accuracy_drop)
             details = dict(onnx_details) if prec == "fp32" else {"opset": opts.opset, "nodes": onnx_io.node_count(path)}
-            artifacts.append(Artifact(path.name, "onnx", prec, sha256_file(path), path.stat().st_size, report, details))
-
-        if "tensorrt" in opts.formats:
-            from .tensorrt import build_engine
-
-            for prec in precisions:
-                engine = tmp / ENGINE_FILES[prec]
-                sidecar = build_engine(tmp / ONNX_FILES[prec], engine, prec, pre.input_shape, opts.batch_min, opts.batch_opt,
-                                       opts.batch_max, Path(opts.timing_cache) if opts.timing_cache else None)
-                artifacts.append(Artifact(engine.name, "tensorrt", prec, sidecar["sha256"], engine.stat().st_size, None, sidecar))
+            artifacts.append(Artifact(path.name, "onnx", prec, sha256_file(path), path.stat().st_size, report, details,
+                                      variant=variant, purpose=purposes.get((prec, variant), "")))
 
         # reference inputs and PyTorch outputs, so a device can re-check the model later
         ref_dir = tmp / "reference"
@@ -243,7 +249,7 @@ def export_bundle(inp: ExportInputs, out: str | Path, opts: ExportOptions) -> Ma
             input={"name": onnx_io.INPUT_NAME, "shape": ["batch", *pre.input_shape], "layout": "NCHW", "dtype": "float32"},
             output={"name": onnx_io.OUTPUT_NAME, "shape": ["batch", len(inp.classes)], "dtype": "float32"},
             preprocess=pre.to_dict(),
-            artifacts=[a.__dict__ for a in artifacts],
+            artifacts=list(artifacts),
             source=inp.source,
             versions=library_versions(),
             parity={"images": int(len(inp.val_x)), "split": inp.source.get("parity_split", "val"),
@@ -254,5 +260,13 @@ def export_bundle(inp: ExportInputs, out: str | Path, opts: ExportOptions) -> Ma
             calibration=calibration,
             export_seconds=round(time.perf_counter() - t0, 3),
         )
-        atomic_write_json(tmp / MANIFEST_NAME, manifest.to_dict())
+        write_manifest(tmp, manifest)
+        if "tensorrt" in opts.formats:
+            # the runtime's own builder (the one `edgeconv-runtime build-engine` runs on a device), on the finished
+            # bundle before it replaces --out: an engine that fails its gate fails the export
+            from edgeconv_runtime.engine import EngineOptions, build_engines
+
+            build_engines(tmp, EngineOptions(precisions, (opts.batch_min, opts.batch_opt, opts.batch_max), timing_cache=opts.timing_cache),
+                          quiet=True)
+            manifest = read_manifest(tmp)
     return manifest

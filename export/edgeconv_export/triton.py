@@ -5,12 +5,12 @@ of a hand-written config.
 """
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
 
 from edgeconv_runtime.errors import EdgeconvError
+from edgeconv_runtime.manifest import MANIFEST_NAME, read_manifest, resolve_inside
 
 from .onnx import INPUT_NAME, OUTPUT_NAME
 
@@ -58,21 +58,21 @@ instance_group [
 def write_triton_repo(bundle: Path, repo: Path, precision: str = "fp32", engine: bool = False, max_batch: int = 32,
                       delay_us: int = 5000, instances: int = 1) -> dict:
     """Write ``repo/<name>/{config.pbtxt, labels.txt, 1/model.onnx|model.plan}`` from a finished bundle."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = read_manifest(bundle)
     fmt = "tensorrt" if engine else "onnx"
-    art = next((a for a in manifest["artifacts"] if a["format"] == fmt and a["precision"] == precision), None)
+    art = manifest.find(fmt, precision)
     if art is None:
         raise EdgeconvError(f"the bundle has no {fmt} {precision} artifact for Triton; export it with --precision {precision}")
-    name = model_name(manifest["name"])
+    name = model_name(manifest.name)
     mdir = repo / name
     (mdir / "1").mkdir(parents=True)
     target = "model.plan" if engine else "model.onnx"
-    shutil.copyfile(bundle / art["file"], mdir / "1" / target)
-    (mdir / "labels.txt").write_text("\n".join(manifest["classes"]) + "\n")
+    shutil.copyfile(resolve_inside(bundle, art.file), mdir / "1" / target)
+    (mdir / "labels.txt").write_text("\n".join(manifest.classes) + "\n")
     preferred = sorted({b for b in (max_batch // 4, max_batch // 2, max_batch) if b >= 1})
     platform = "tensorrt_plan" if engine else "onnxruntime_onnx"
     kind = "KIND_GPU" if engine else "KIND_CPU"
-    shape = manifest["input"]["shape"][1:]
-    (mdir / "config.pbtxt").write_text(config_pbtxt(name, platform, shape, len(manifest["classes"]), max_batch, preferred, delay_us, instances, kind))
-    shutil.copyfile(bundle / "manifest.json", mdir / "edgeconv_manifest.json")
+    shape = manifest.input["shape"][1:]
+    (mdir / "config.pbtxt").write_text(config_pbtxt(name, platform, shape, len(manifest.classes), max_batch, preferred, delay_us, instances, kind))
+    shutil.copyfile(bundle / MANIFEST_NAME, mdir / "edgeconv_manifest.json")
     return {"name": name, "platform": platform, "precision": precision, "file": f"{name}/1/{target}", "max_batch_size": max_batch}

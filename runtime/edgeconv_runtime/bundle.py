@@ -1,59 +1,62 @@
-"""Reading bundles: manifest, artifacts (hash-checked), reference tensors."""
+"""Reading bundles: the validated manifest, artifacts (hash-checked, inside the bundle), reference files."""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 from .errors import EdgeconvError
 from .fileio import sha256_file
+from .manifest import ENGINE_SUFFIXES, MANIFEST_NAME, Artifact, Manifest, read_manifest, resolve_inside
 from .preprocess import Preprocess
 
-MANIFEST_NAME = "manifest.json"
-ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+__all__ = ["ENGINE_SUFFIXES", "MANIFEST_NAME", "Bundle", "bundle_from_onnx_metadata", "read_bundle"]
 
 
 @dataclass
 class Bundle:
     root: Optional[Path]
-    manifest: dict
+    manifest: Manifest
     preprocess: Preprocess
-    classes: list
+    classes: List[str]
 
     @property
     def name(self) -> str:
-        return self.manifest.get("name", "model")
+        return self.manifest.name
 
-    def artifact(self, fmt: str, precision: str, check_hash: bool = True) -> tuple:
-        """(path, record) of the artifact of ``fmt`` and ``precision``; refuses a missing or altered file."""
-        for a in self.manifest.get("artifacts", []):
-            if a["format"] == fmt and a["precision"] == precision:
-                path = self.root / a["file"]
-                if not path.is_file():
-                    raise EdgeconvError(f"bundle {self.root} is missing {a['file']} listed in its manifest; copy the whole bundle directory")
-                if check_hash and a.get("sha256") and sha256_file(path) != a["sha256"]:
-                    raise EdgeconvError(f"{a['file']} in {self.root} does not match its sha256 in manifest.json (corrupted or altered); copy the bundle again")
-                return path, a
-        have = sorted({f"{a['format']}/{a['precision']}" for a in self.manifest.get("artifacts", [])})
-        raise EdgeconvError(f"bundle {self.root} has no {fmt} {precision} artifact (it has {', '.join(have)}); export it with --precision {precision}")
+    def path(self, rel: str) -> Path:
+        """A file the manifest names, refused when it points outside the bundle."""
+        return resolve_inside(self.root, rel, f"{MANIFEST_NAME} in {self.root}")
 
-    def has(self, fmt: str, precision: str) -> bool:
-        return any(a["format"] == fmt and a["precision"] == precision for a in self.manifest.get("artifacts", []))
+    def artifact(self, fmt: str, precision: str, check_hash: bool = True, variant: Optional[str] = None) -> Tuple[Path, Artifact]:
+        """(path, record) of the artifact of ``fmt``/``precision``/``variant``; refuses a missing or altered file.
+
+        ``variant`` None is the default artifact; "tensorrt" falls back to the default one when the
+        bundle has no TensorRT-specific graph of that precision (only INT8 has one).
+        """
+        a = self.manifest.find(fmt, precision, variant)
+        if a is None and variant not in (None, "default"):
+            a = self.manifest.find(fmt, precision)
+        if a is None:
+            have = sorted({f"{x.format}/{x.precision}" + ("" if x.variant == "default" else f"/{x.variant}") for x in self.manifest.artifacts})
+            raise EdgeconvError(f"bundle {self.root} has no {fmt} {precision} artifact (it has {', '.join(have) or 'none'}); "
+                                f"export it with --precision {precision}")
+        path = self.path(a.file)
+        if not path.is_file():
+            raise EdgeconvError(f"bundle {self.root} is missing {a.file} listed in its manifest; copy the whole bundle directory")
+        if check_hash and sha256_file(path) != a.sha256:
+            raise EdgeconvError(f"{a.file} in {self.root} does not match its sha256 in manifest.json (corrupted or altered); copy the bundle again")
+        return path, a
+
+    def has(self, fmt: str, precision: str, variant: Optional[str] = None) -> bool:
+        return self.manifest.find(fmt, precision, variant) is not None
 
 
-def read_bundle(root: str | Path) -> Bundle:
+def read_bundle(root) -> Bundle:
     root = Path(root)
-    mpath = root / MANIFEST_NAME
-    if not mpath.is_file():
-        raise EdgeconvError(f"{root} is not an edgeconv bundle (no {MANIFEST_NAME}); pass a directory written by `edgeconv export`")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, ValueError) as exc:
-        raise EdgeconvError(f"{mpath} is not readable JSON ({exc}); copy the bundle again") from exc
-    if manifest.get("format") != "edgeconv.bundle":
-        raise EdgeconvError(f"{mpath} is not an edgeconv bundle manifest")
-    return Bundle(root, manifest, Preprocess.from_dict(manifest["preprocess"]), list(manifest["classes"]))
+    manifest = read_manifest(root)
+    return Bundle(root, manifest, Preprocess.from_dict(manifest.preprocess), list(manifest.classes))
 
 
 def bundle_from_onnx_metadata(path: Path, metadata: dict) -> Bundle:
@@ -63,5 +66,5 @@ def bundle_from_onnx_metadata(path: Path, metadata: dict) -> Bundle:
         pre = Preprocess.from_dict(json.loads(metadata["edgeconv.preprocess"]))
     except (KeyError, ValueError) as exc:
         raise EdgeconvError(f"{path.name} carries no edgeconv metadata (classes, preprocessing); load the bundle directory instead") from exc
-    manifest = {"name": metadata.get("edgeconv.name", path.stem), "classes": classes, "preprocess": pre.to_dict(), "artifacts": []}
-    return Bundle(path.parent, manifest, pre, classes)
+    manifest = Manifest(name=metadata.get("edgeconv.name", path.stem), classes=list(classes), preprocess=pre.to_dict())
+    return Bundle(path.parent, manifest, pre, list(classes))
