@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.edgeconv-installed
 SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install system-data clean
+.PHONY: demo test install system-data clean gpu-check
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ demo: $(STAMP)
 
 test: $(STAMP) system-data
 	$(BIN)/python -m pytest tests
+
+# On a machine with an NVIDIA GPU (or a Jetson): fresh venv with the GPU extras, train, export,
+# build engines, verify + bench every usable backend, pytest -m gpu; one table last (scripts/gpu_check.sh).
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs

@@ -15,7 +15,7 @@ from edgeconv_runtime.cli import main as runtime_main
 
 def test_backend_registry_says_why():
     status = available_backends()
-    assert set(status) == {"onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt"}
+    assert set(status) == {"onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt", "openvino-cpu"}
     assert status["onnxruntime-cpu"] == (True, "ok")
     for name, (ok, why) in status.items():
         assert ok or why  # every unavailable backend says why

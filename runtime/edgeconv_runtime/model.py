@@ -8,18 +8,17 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .backends import AUTO_ORDER, available_backends, create_backend
+from .backends import auto_order, available_backends, create_backend, precision_problem
 from .bundle import ENGINE_SUFFIXES, Bundle, bundle_from_onnx_metadata, read_bundle
 from .errors import BackendUnavailable, EdgeconvError
+from .manifest import MANIFEST_NAME, PRECISIONS, RUNTIME_PRECISIONS
+from .parity import PREPROCESS_MAX_ABS_DIFF, device_tolerance, parity_report, tolerance_problems
 from .preprocess import IMAGE_SOURCE_TYPES, load_pixels, normalize, preprocess_images
 
-PRECISIONS = ("fp32", "fp16", "int8")
-# verify tolerances against the PyTorch FP32 reference outputs, per precision
-VERIFY_TOLERANCE = {
-    "fp32": {"max_abs_diff": 1e-3, "top1_agreement": 1.0, "cosine_min": 0.99999},
-    "fp16": {"max_abs_diff": None, "top1_agreement": 1.0, "cosine_min": 0.999},
-    "int8": {"max_abs_diff": None, "top1_agreement": 0.75, "cosine_min": 0.98},
-}
+# runtime precisions that run another precision's artifact: bf16 = the FP32 ONNX under OpenVINO's bf16 hint
+ARTIFACT_PRECISION = {"bf16": "fp32"}
+# verify tolerances against the PyTorch FP32 reference outputs: the one table in parity.py
+VERIFY_TOLERANCE = {p: device_tolerance(p) for p in RUNTIME_PRECISIONS}
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -53,6 +52,29 @@ def _precision_of(path: Path) -> str:
     return next((p for p in parts if p in PRECISIONS), "fp32")
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+def _artifact_kind(backend: str) -> tuple:
+    """(format, variant) of the artifact a backend runs: TensorRT takes the graph made for it where the bundle has one."""
+    if backend == "tensorrt":
+        return "tensorrt", "tensorrt"
+    return "onnx", ("tensorrt" if backend == "onnxruntime-tensorrt" else None)
+
+
+def _missing_artifact(bundle: Bundle, backend: str, fmt: str, precision: str) -> Optional[str]:
+    """Why the bundle has nothing ``backend`` can run at ``precision``, or None."""
+    if not bundle.has(fmt, precision):
+        return f"bundle has no {fmt} {precision} artifact"
+    if backend == "onnxruntime-tensorrt" and precision == "int8" and not bundle.has("onnx", "int8", "tensorrt"):
+        # the CPU INT8 graph has uint8 activations with non-zero zero points, which TensorRT refuses
+        return ("backend onnxruntime-tensorrt needs the TensorRT-ready INT8 graph (symmetric int8), which this bundle lacks; "
+                "re-export it with this edgeconv version")
+    return None
+
+
 def _is_single(images) -> bool:
     if isinstance(images, np.ndarray):
         return images.ndim in (2, 3)
@@ -75,40 +97,73 @@ class Model:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, src, backend: str = "auto", precision: Optional[str] = None, threads: Optional[int] = None, check_hash: bool = True,
-             spin: bool = True) -> "Model":
+             spin: bool = True, batch_profile: Optional[Sequence[int]] = None, cache_dir=None) -> "Model":
         """Load a bundle directory, a bare edgeconv .onnx, or a TensorRT engine inside a bundle.
 
-        ``backend="auto"`` picks the fastest usable backend for which the bundle has an artifact.
-        ``spin=False`` lets idle CPU inference threads sleep (for servers sharing their cores).
+        ``backend="auto"`` tries the backends fastest first and takes the first that starts with an artifact
+        of the bundle; each one passed over, and why, is listed in ``model.info["skipped"]``. A named backend
+        raises its own error instead. ``spin=False`` lets idle CPU inference threads sleep (for servers
+        sharing their cores). ``batch_profile`` (MIN, OPT, MAX; default 1, 8, 32) and ``cache_dir`` (default
+        ``<bundle>/.trt_cache``, or ``~/.cache/edgeconv/trt`` when the bundle is read-only) configure ONNX
+        Runtime's TensorRT provider. ``with Model.load(...) as m:`` closes the model at the end.
         """
         t0 = time.perf_counter()
         path = Path(src)
         if not path.exists():
             raise EdgeconvError(f"model not found: {src}; pass a bundle directory written by `edgeconv export`")
-        if precision is not None and precision not in PRECISIONS:
-            raise EdgeconvError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+        if precision is not None and precision not in RUNTIME_PRECISIONS:
+            raise EdgeconvError(f"unknown precision {precision!r}; use one of {', '.join(RUNTIME_PRECISIONS)}")
         if path.is_dir():
             bundle = read_bundle(path)
             precision = precision or "fp32"
-            names = AUTO_ORDER if backend == "auto" else (backend,)
+            names = auto_order(precision) if backend == "auto" else (backend,)
+            stored = ARTIFACT_PRECISION.get(precision, precision)  # the artifact's precision
             status = available_backends()
-            errors = []
+            options = {"precision": precision, "input_name": bundle.manifest.input.get("name"), "input_shape": tuple(bundle.preprocess.input_shape),
+                       "batch_profile": batch_profile, "cache_dir": cache_dir}
+            skipped = []
             for name in names:
-                fmt = "tensorrt" if name == "tensorrt" else "onnx"
                 if name not in status:
                     raise EdgeconvError(f"unknown backend {name!r}; use one of {', '.join(status)} or auto")
-                if not status[name][0]:
-                    errors.append(f"{name}: {status[name][1]}")
+                ok, why = status[name]
+                if not ok:
+                    if backend != "auto":
+                        raise BackendUnavailable(f"backend {name} is unavailable here: {why}")
+                    skipped.append(f"{name}: {why}")
                     continue
-                if not bundle.has(fmt, precision):
-                    errors.append(f"{name}: bundle has no {fmt} {precision} artifact")
+                unable = precision_problem(name, precision)
+                if unable:
+                    if backend != "auto":
+                        raise BackendUnavailable(unable)
+                    skipped.append(f"{name}: {unable}")
                     continue
-                artifact, _ = bundle.artifact(fmt, precision, check_hash)
-                be = create_backend(name, str(artifact), threads, spin)
-                return cls(bundle, be, precision, artifact, time.perf_counter() - t0)
-            if backend != "auto" and errors and "no " in errors[-1] and "artifact" in errors[-1]:
-                bundle.artifact("tensorrt" if backend == "tensorrt" else "onnx", precision)  # raises the precise message
-            raise BackendUnavailable(f"no backend can run this bundle: {'; '.join(errors)}")
+                fmt, variant = _artifact_kind(name)
+                missing = _missing_artifact(bundle, name, fmt, stored)
+                if missing:
+                    if backend != "auto":
+                        if bundle.has(fmt, stored):
+                            raise BackendUnavailable(missing)
+                        bundle.artifact(fmt, stored, check_hash)  # raises the precise message
+                    skipped.append(f"{name}: {missing}")
+                    continue
+                artifact, _ = bundle.artifact(fmt, stored, check_hash, variant=variant)  # an altered file is an error, not a skip
+                try:
+                    be = create_backend(name, str(artifact), threads, spin, **options)
+                except EdgeconvError as exc:  # the provider did not start, an engine for another GPU, a CUDA error
+                    if backend != "auto":
+                        raise
+                    skipped.append(f"{name}: {exc}")
+                    continue
+                except (OSError, RuntimeError, ImportError) as exc:  # a broken GPU install
+                    if name == "onnxruntime-cpu":
+                        raise
+                    reason = f"{type(exc).__name__}: {_first_line(exc)}"
+                    if backend != "auto":
+                        raise BackendUnavailable(f"backend {name} could not start: {reason}") from exc
+                    skipped.append(f"{name}: {reason}")
+                    continue
+                return cls(bundle, be, precision, artifact, time.perf_counter() - t0, info={"skipped": skipped})
+            raise BackendUnavailable(f"no backend can run this bundle: {'; '.join(skipped)}")
         # a single file
         if path.suffix in ENGINE_SUFFIXES:
             bundle = read_bundle(path.parent)
@@ -117,13 +172,14 @@ class Model:
         if path.suffix != ".onnx":
             raise EdgeconvError(f"{src} is neither a bundle directory, a .onnx file nor a TensorRT engine (.plan)")
         name = "onnxruntime-cpu" if backend == "auto" else backend
-        be = create_backend(name, str(path), threads, spin)
+        precision = precision or _precision_of(path)
+        be = create_backend(name, str(path), threads, spin, precision=precision, batch_profile=batch_profile, cache_dir=cache_dir)
         meta = be.session.get_modelmeta().custom_metadata_map if hasattr(be, "session") else {}
-        if (path.parent / "manifest.json").is_file():
+        if (path.parent / MANIFEST_NAME).is_file():
             bundle = read_bundle(path.parent)
         else:
             bundle = bundle_from_onnx_metadata(path, meta)
-        return cls(bundle, be, precision or _precision_of(path), path, time.perf_counter() - t0)
+        return cls(bundle, be, precision, path, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -153,14 +209,17 @@ class Model:
             raise EdgeconvError(f"run() takes float32 input, got {x.dtype}; preprocess images with predict() or cast with .astype(np.float32)")
         raise EdgeconvError(f"run() takes input of shape {want}, got {tuple(x.shape)}; use predict() for raw images")
 
-    def preprocess_images(self, images: Sequence) -> np.ndarray:
-        """Decode + resize + normalise, exactly as training's evaluation transform."""
+    def preprocess_images(self, images: Sequence, channel_order: str = "rgb") -> np.ndarray:
+        """Decode + resize + normalise, exactly as training's evaluation transform. Arrays are RGB unless ``channel_order="bgr"``."""
         if isinstance(images, np.ndarray) and images.ndim == 4:
             images = list(images)
-        return preprocess_images(images, self.preprocess)
+        return preprocess_images(images, self.preprocess, channel_order=channel_order)
 
-    def predict(self, images, top_k: int = 5, batch_size: int = 32):
-        """Class names and probabilities for one image or many (paths, bytes, PIL images, HWC uint8 arrays)."""
+    def predict(self, images, top_k: int = 5, batch_size: int = 32, channel_order: str = "rgb"):
+        """Class names and probabilities for one image or many (paths, bytes, PIL images, HWC uint8 arrays).
+
+        Arrays are taken as RGB; pass ``channel_order="bgr"`` for OpenCV's frames (``cv2.imread``, ``VideoCapture``).
+        """
         single = _is_single(images)
         items = [images] if single else list(images)
         if not items:
@@ -169,12 +228,23 @@ class Model:
         results = []
         for b in range(0, len(items), batch_size):
             chunk = items[b : b + batch_size]
-            probs = softmax(self.backend.infer(self.preprocess_images(chunk)).astype(np.float64))
+            probs = softmax(self.backend.infer(self.preprocess_images(chunk, channel_order)).astype(np.float64))
             for src, p in zip(chunk, probs):
                 idx = np.argsort(-p)[:k]
                 results.append(Prediction([self.classes[i] for i in idx], [float(p[i]) for i in idx], [int(i) for i in idx],
                                           str(src) if isinstance(src, (str, Path)) else None))
         return results[0] if single else results
+
+    def stream(self, source, every: int = 1, max_frames: Optional[int] = None, batch: int = 1, top_k: int = 5):
+        """Predictions for the frames of a video file, ``rtsp://...``, ``/dev/videoN`` or ``csi://N`` (Jetson), as they come.
+
+        Returns an iterable of ``FramePrediction`` (frame index, timestamp, top-k, latency) with ``summary()`` (frames per
+        second, latency percentiles) and ``close()``; see ``edgeconv_runtime.stream.PredictionStream``. Needs OpenCV:
+        ``pip install 'edgeconv-runtime[video]'``. An unreadable source raises EdgeconvError here, before iterating.
+        """
+        from .stream import PredictionStream
+
+        return PredictionStream(self, source, every=every, max_frames=max_frames, batch=batch, top_k=top_k)
 
     # ------------------------------------------------------------------ checks
     def evaluate(self, image_dir, batch_size: int = 32) -> dict:
@@ -215,46 +285,29 @@ class Model:
 
     def verify(self) -> dict:
         """Re-run the bundle's reference inputs here; ``ok`` is False outside the precision's tolerance."""
-        root = self.bundle.root
-        ref = self.bundle.manifest.get("reference")
-        if not ref:
-            raise EdgeconvError("this model has no reference tensors to verify against; load the bundle directory")
+        ref = self.bundle.manifest.reference
+        if not ref or "inputs" not in ref or "outputs" not in ref:
+            raise EdgeconvError("this model has no reference tensors to verify against; load the bundle directory written by `edgeconv export`")
         try:
-            x = np.load(root / ref["inputs"])
-            expected = np.load(root / ref["outputs"])
+            x = np.load(self.bundle.path(ref["inputs"]), allow_pickle=False)
+            expected = np.load(self.bundle.path(ref["outputs"]), allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise EdgeconvError(f"bundle reference tensors are missing or unreadable ({exc}); copy the whole bundle") from exc
-        got = self.run(x.astype(np.float32)).astype(np.float64)
-        exp = expected.astype(np.float64)
-        finite = bool(np.isfinite(got).all())
-        cos = (got * exp).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(exp, axis=1) + 1e-12)
-        report = {
-            "backend": self.backend_name,
-            "precision": self.precision,
-            "n": int(len(x)),
-            "finite": finite,
-            "max_abs_diff": float(np.abs(got - exp).max()) if finite else float("inf"),
-            "cosine_min": float(cos.min()) if finite else 0.0,
-            "top1_agreement": float((got.argmax(1) == exp.argmax(1)).mean()),
-        }
+            raise EdgeconvError(f"bundle reference tensors are missing or unreadable ({str(exc).splitlines()[0][:120]}); copy the whole bundle") from exc
+        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self._input_shape) or expected.shape != (len(x), len(self.classes)):
+            raise EdgeconvError(f"bundle reference tensors have shapes {x.shape} / {expected.shape}, which do not fit the model; re-export the bundle")
+        got = self.run(x.astype(np.float32))
+        r = parity_report(expected, got)
+        report = {"backend": self.backend_name, "precision": self.precision, "n": r["n"], "finite": r["finite"],
+                  "max_abs_diff": r["max_abs_diff"], "cosine_min": r["cosine_min"], "top1_agreement": r["top1_agreement"]}
+        problems = tolerance_problems(r, self.precision, backend=self.backend_name)
         # preprocessing drift: the reference images through this machine's decode/resize
         images = ref.get("images") or []
         if images:
-            px = preprocess_images([root / f for f in images], self.preprocess, strict=False)
+            px = preprocess_images([self.bundle.path(f) for f in images], self.preprocess, strict=False)
             report["preprocess_max_abs_diff"] = float(np.abs(px - x[: len(px)]).max())
-        tol = VERIFY_TOLERANCE[self.precision]
-        problems = []
-        if not finite:
-            problems.append("outputs contain NaN/Inf")
-        if tol["max_abs_diff"] is not None and report["max_abs_diff"] > tol["max_abs_diff"]:
-            problems.append(f"max abs diff {report['max_abs_diff']:.3g} > {tol['max_abs_diff']}")
-        if report["top1_agreement"] < tol["top1_agreement"]:
-            problems.append(f"top-1 agreement {report['top1_agreement']:.3f} < {tol['top1_agreement']}")
-        if report["cosine_min"] < tol["cosine_min"]:
-            problems.append(f"min cosine {report['cosine_min']:.5f} < {tol['cosine_min']}")
-        if report.get("preprocess_max_abs_diff", 0.0) > 1e-5:
-            problems.append(f"preprocessing differs from training by {report['preprocess_max_abs_diff']:.3g} (> 1e-5)")
-        report["tolerance"] = tol
+            if report["preprocess_max_abs_diff"] > PREPROCESS_MAX_ABS_DIFF:
+                problems.append(f"preprocessing differs from training by {report['preprocess_max_abs_diff']:.3g} (> {PREPROCESS_MAX_ABS_DIFF})")
+        report["tolerance"] = device_tolerance(self.precision, self.backend_name)
         report["problems"] = problems
         report["ok"] = not problems
         return report
@@ -264,7 +317,14 @@ class Model:
                 "load_seconds": self.load_seconds, **self.backend.describe()}
 
     def close(self) -> None:
+        """Release the backend (session, GPU buffers, stream); running the model afterwards raises. Safe to call twice."""
         self.backend.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"Model({self.bundle.name!r}, backend={self.backend_name!r}, precision={self.precision!r})"

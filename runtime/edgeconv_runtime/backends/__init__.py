@@ -6,11 +6,14 @@ TensorRT Python API. GPU packages are imported only when a GPU backend is used.
 """
 from __future__ import annotations
 
+import platform
 from typing import Optional
 
 from ..errors import BackendUnavailable, EdgeconvError
+from ..manifest import PRECISIONS, RUNTIME_PRECISIONS
 from .base import Backend
-from .ort import OrtBackend, ort_provider_status
+from .openvino import OpenVinoBackend, openvino_status
+from .ort import DEFAULT_BATCH_PROFILE, OrtBackend, ort_provider_status
 from .trt import TensorRTBackend, tensorrt_status
 
 BACKENDS = {
@@ -18,27 +21,74 @@ BACKENDS = {
     "onnxruntime-cuda": (OrtBackend, "CUDAExecutionProvider"),
     "onnxruntime-tensorrt": (OrtBackend, "TensorrtExecutionProvider"),
     "tensorrt": (TensorRTBackend, None),
+    "openvino-cpu": (OpenVinoBackend, "openvino"),
 }
-# fastest first: what `auto` tries
+# fastest first: what `auto` tries, falling through to the next when one cannot start
 AUTO_ORDER = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+# OpenVINO on the CPU: `auto` puts it before onnxruntime-cpu only for the precisions where it measured faster, on
+# x86-64 with AVX-512, one run each, same threads (benchmarks/results/backends.md, openvino_vs_ort_mnist.json):
+# - int8: efficientnet_lite0 2.06x ONNX Runtime INT8 at batch 1, 1.47x at 32; chollet_mnist 1.47x at 32 but
+#   0.78x at batch 1 (p50 0.067 vs 0.052 ms: fixed per-call overhead on a 0.05 ms model);
+# - fp32: lite0 1.53x at batch 1 but 1.01x at 32, chollet_mnist 0.62x / 0.92x: ONNX Runtime stays first;
+# - bf16 runs on nothing else; fp16 is ONNX Runtime's (openvino-cpu does not run it).
+# Not measured on aarch64: ONNX Runtime stays first there.
+OPENVINO_FIRST = ("bf16", "int8") if platform.machine().lower() in ("x86_64", "amd64") else ("bf16",)
+# precisions a backend runs when not the bundle's fp32/fp16/int8; bf16 = the FP32 graph in OpenVINO's bf16 mode
+BACKEND_PRECISIONS = {"openvino-cpu": ("fp32", "bf16", "int8")}
+RUNTIME_ONLY_PRECISIONS = tuple(p for p in RUNTIME_PRECISIONS if p not in PRECISIONS)
+
+
+def auto_order(precision: str = "fp32") -> tuple:
+    """The backends `auto` tries for ``precision``, fastest first on this kind of machine."""
+    cpu = ("openvino-cpu", "onnxruntime-cpu") if precision in OPENVINO_FIRST else ("onnxruntime-cpu", "openvino-cpu")
+    return AUTO_ORDER[:-1] + cpu
+
+
+def precision_problem(name: str, precision: str) -> Optional[str]:
+    """Why backend ``name`` cannot run ``precision`` at all, or None."""
+    runs = BACKEND_PRECISIONS.get(name)
+    if runs is None and precision in RUNTIME_ONLY_PRECISIONS:
+        able = ", ".join(n for n, p in BACKEND_PRECISIONS.items() if precision in p)
+        return f"backend {name} does not run {precision}; {precision} runs on {able}"
+    if runs is not None and precision not in runs:
+        return f"backend {name} runs {', '.join(runs)}, not {precision}"
+    return None
+
+
+def _status(name: str, provider: Optional[str]) -> tuple:
+    try:
+        if name == "openvino-cpu":
+            return openvino_status()
+        return tensorrt_status() if name == "tensorrt" else ort_provider_status(provider)
+    except Exception as exc:  # a GPU library that breaks while being probed marks its backend unavailable, nothing more
+        text = str(exc).strip().splitlines()
+        return False, f"probing it failed ({type(exc).__name__}: {(text[0] if text else '')[:200]})"
 
 
 def available_backends() -> dict:
     """{name: (usable, reason)} for every registered backend on this machine."""
-    out = {}
-    for name, (_, provider) in BACKENDS.items():
-        out[name] = tensorrt_status() if name == "tensorrt" else ort_provider_status(provider)
-    return out
+    return {name: _status(name, provider) for name, (_, provider) in BACKENDS.items()}
 
 
-def create_backend(name: str, path: str, threads: Optional[int] = None, spin: bool = True) -> Backend:
+def create_backend(name: str, path: str, threads: Optional[int] = None, spin: bool = True, precision: str = "fp32",
+                   input_name: Optional[str] = None, input_shape=None, batch_profile=None, cache_dir=None) -> Backend:
+    """The backend ``name`` running ``path``; BackendUnavailable (one line) when it cannot run here.
+
+    ``precision``, ``input_name``/``input_shape``, ``batch_profile`` (MIN, OPT, MAX; None: 1, 8, 32) and ``cache_dir`` configure
+    ONNX Runtime's TensorRT provider (profile shapes, FP16/INT8, engine and timing caches); others ignore them.
+    """
     if name not in BACKENDS:
         raise EdgeconvError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)} or auto")
-    ok, why = available_backends()[name]
+    cls, provider = BACKENDS[name]
+    ok, why = _status(name, provider)
     if not ok:
         raise BackendUnavailable(f"backend {name} is unavailable here: {why}")
-    cls, provider = BACKENDS[name]
-    return cls(path, provider=provider, threads=threads, spin=spin) if provider else cls(path, threads=threads)
+    if provider is None:
+        return cls(path, threads=threads)
+    if name == "openvino-cpu":
+        return cls(path, threads=threads, precision=precision)
+    return cls(path, provider=provider, threads=threads, spin=spin, precision=precision, input_name=input_name, input_shape=input_shape,
+               batch_profile=batch_profile or DEFAULT_BATCH_PROFILE, cache_dir=cache_dir)
 
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "Backend", "available_backends", "create_backend"]
+__all__ = ["AUTO_ORDER", "BACKENDS", "auto_order", "precision_problem", "DEFAULT_BATCH_PROFILE", "Backend", "available_backends", "create_backend"]

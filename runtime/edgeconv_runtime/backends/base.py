@@ -4,7 +4,11 @@ import numpy as np
 
 
 class Backend:
-    """What every backend offers: run a preprocessed NCHW float32 batch, return logits."""
+    """What every backend offers: run a preprocessed NCHW float32 batch, return logits.
+
+    A backend holds native resources (an ONNX Runtime session, a TensorRT context, CUDA buffers):
+    ``close()`` releases them, may be called more than once, and ``with backend:`` calls it.
+    """
 
     name = "base"
 
@@ -16,3 +20,9 @@ class Backend:
 
     def describe(self) -> dict:
         return {"backend": self.name}
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

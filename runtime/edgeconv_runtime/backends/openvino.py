@@ -1,0 +1,143 @@
+"""OpenVINO on the CPU: the bundle's ONNX files compiled by OpenVINO's CPU plugin.
+
+Three precisions, all from the files ONNX Runtime runs too:
+- ``fp32``: ``model.onnx`` with the inference precision pinned to f32. OpenVINO's default on a CPU
+  with AVX-512 BF16 or AMX is to run an FP32 model in bf16 silently; pinning keeps FP32 exact.
+- ``bf16``: the same ``model.onnx`` with the bf16 inference precision hint, where the CPU has the
+  instructions for it (AVX-512 BF16 or AMX); elsewhere the backend is unavailable and says why.
+- ``int8``: the Q/DQ ``model.int8.onnx``; OpenVINO folds the Q/DQ pairs into int8 kernels and runs
+  the layers left in float in f32.
+
+``openvino`` is an optional extra (``pip install edgeconv-runtime[openvino]``), imported only when
+this backend is built: probing whether it is installed does not import it (an import costs ~1 s).
+"""
+from __future__ import annotations
+
+import importlib.util
+import threading
+from typing import Optional
+
+import numpy as np
+
+from ..errors import BackendUnavailable, EdgeconvError
+from .base import Backend
+from .ort import default_threads
+
+INSTALL_HINT = "OpenVINO is not installed; pip install 'edgeconv-runtime[openvino]'"
+# the runtime precision -> OpenVINO's INFERENCE_PRECISION_HINT
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+_CORE = {}
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+def openvino_status() -> tuple:
+    """(usable, reason) without importing openvino: only whether the package is there."""
+    try:
+        found = importlib.util.find_spec("openvino") is not None
+    except (ImportError, ValueError):
+        found = False
+    return (True, "ok") if found else (False, INSTALL_HINT)
+
+
+def _core():
+    """One ``openvino.Core`` per process (it loads the CPU plugin once)."""
+    if "core" not in _CORE:
+        try:
+            import openvino
+        except Exception as exc:  # a broken install raises more than ImportError
+            raise BackendUnavailable(f"OpenVINO cannot be imported ({type(exc).__name__}: {_first_line(exc)}); "
+                                     "pip install 'edgeconv-runtime[openvino]'") from exc
+        _CORE["core"] = openvino.Core()
+        _CORE["version"] = getattr(openvino, "__version__", "?").split("-")[0]
+    return _CORE["core"]
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(l.split(":", 1)[1].split()) for l in f if l.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def bf16_status() -> tuple:
+    """(usable, reason): whether OpenVINO's CPU plugin runs bf16 arithmetic natively on this CPU.
+
+    The plugin lists BF16 among its optimization capabilities where the CPU has AVX-512 BF16 or AMX.
+    """
+    ok, why = openvino_status()
+    if not ok:
+        return ok, why
+    caps = _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if "BF16" in caps:
+        return True, "ok"
+    flags = sorted(f for f in _cpu_flags() if f == "avx512_bf16" or f.startswith("amx"))
+    have = f" (CPU flags: {', '.join(flags)})" if flags else ""
+    return False, f"this CPU has neither AVX-512 BF16 nor AMX, so OpenVINO cannot run bf16 here{have}; use fp32 or int8"
+
+
+class OpenVinoBackend(Backend):
+    """An ONNX file compiled by OpenVINO for the CPU, one inference request, latency-tuned."""
+
+    name = "openvino-cpu"
+
+    def __init__(self, path: str, threads: Optional[int] = None, precision: str = "fp32"):
+        if precision not in PRECISION_HINTS:
+            raise BackendUnavailable(f"backend openvino-cpu runs {', '.join(PRECISION_HINTS)}, not {precision}; "
+                                     "use onnxruntime-cpu for it")
+        core = _core()
+        if precision == "bf16":
+            ok, why = bf16_status()
+            if not ok:
+                raise BackendUnavailable(why)
+        self.path = str(path)
+        self.precision = precision
+        self.threads = int(threads or default_threads())
+        # LATENCY: one stream, every thread on one request (batch 1 is the device's common case; a batch of 32
+        # is one request too). f32 pinned for fp32/int8, or OpenVINO would run them in bf16 on a bf16 CPU.
+        config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "INFERENCE_NUM_THREADS": self.threads,
+                  "PERFORMANCE_HINT": "LATENCY"}
+        try:
+            model = core.read_model(self.path)
+            self.compiled = core.compile_model(model, "CPU", config)
+            # A batch-1 copy with static shapes beside the dynamic-batch one: OpenVINO's CPU plugin then skips shape
+            # inference on every call, and batch 1 (a camera frame, a request) ran ~15 % faster that way here.
+            one, dims = None, list(model.input(0).get_partial_shape())
+            if dims and dims[0].is_dynamic and all(d.is_static for d in dims[1:]):
+                model.reshape({0: [1] + [d.get_length() for d in dims[1:]]})
+                one = core.compile_model(model, "CPU", config)
+        except Exception as exc:  # OpenVINO raises RuntimeError for a file it cannot read or convert
+            raise EdgeconvError(f"OpenVINO cannot load {self.path.rsplit('/', 1)[-1]}: {_first_line(exc)}; re-export the bundle") from exc
+        got = self.compiled.get_property("INFERENCE_PRECISION_HINT")  # an openvino.Type; its name is "f32", "bf16"
+        got = got.get_type_name() if hasattr(got, "get_type_name") else str(got)
+        if got != PRECISION_HINTS[precision]:  # a plugin that ignores the hint would run another precision than asked
+            raise BackendUnavailable(f"OpenVINO compiled the model for {got} instead of {PRECISION_HINTS[precision]}; "
+                                     "use another precision or backend")
+        self.request = self.compiled.create_infer_request()
+        self.request_one = one.create_infer_request() if one is not None else self.request
+        self._lock = threading.Lock()  # an infer request runs one inference at a time; ONNX Runtime's run() is thread-safe
+        self._closed = False
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        with self._lock:
+            if self._closed:
+                raise EdgeconvError("this model was closed; load it again (Model.load) to run it")
+            request = self.request_one if len(x) == 1 else self.request
+            request.infer({0: x}, share_inputs=True)
+            # the output tensor is the request's own buffer, rewritten by the next call: copy it out
+            return request.get_output_tensor(0).data.copy()
+
+    def close(self) -> None:
+        """Release the compiled model; running the backend afterwards raises. Safe to call twice."""
+        with self._lock:
+            self._closed = True
+            self.request = self.request_one = None
+            self.compiled = None
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "threads": self.threads, "inference_precision": PRECISION_HINTS[self.precision],
+                "performance_hint": "LATENCY", "openvino": _CORE.get("version")}
