@@ -4,11 +4,17 @@
   same session options, same input), batch 1: <= 5 % on efficientnet_lite0, <= 5 us on chollet_mnist;
 - ONNX Runtime FP32 vs PyTorch eager at batch 1: >= 3.5x (lite0), >= 4x (mnist);
   INT8 vs FP32: >= 2x on lite0 (AVX-512 VNNI), reported honestly for mnist;
+  the bundle's TensorRT INT8 graph (symmetric int8) on the CPU beside the CPU INT8 graph (uint8
+  activations), bare sessions, batch 1: for the record of why CPUs get the uint8 graph;
 - end-to-end from JPEG bytes (decode + preprocess + infer + softmax) vs model-only, lite0 FP32
   batch 1: <= 1.5x;
-- cold start (fresh process: import, load bundle, predict one image) and its peak RSS.
+- cold start (fresh process: import, load bundle, predict one image) and its peak RSS;
+- OpenVINO (f32, bf16, int8) beside ONNX Runtime (FP32, INT8) on efficientnet_lite0 at batch 1 and 32, same
+  threads, alternating blocks, with top-1 agreement and max logit difference against ONNX Runtime FP32 on the
+  1,000 cats_and_dogs_small test images (``--openvino`` runs only this part and adds it to backends.json).
 
     python benchmarks/backends.py --lite0-bundle B1 --mnist-bundle B2 [--lite0-run R1 --mnist-run R2]
+    python benchmarks/backends.py --openvino --lite0-bundle B1
 
 Without bundles it trains and exports small ones first (minutes).
 """
@@ -29,6 +35,7 @@ from _common import SHARED, table, write_json  # noqa: E402
 
 from edgeconv_runtime import Model  # noqa: E402
 from edgeconv_runtime.bench import environment  # noqa: E402
+from edgeconv_runtime.manifest import INT8_TENSORRT_ONNX  # noqa: E402
 
 
 def paired(fa, fb, calls: int, rounds: int = 15) -> tuple:
@@ -55,8 +62,8 @@ def paired(fa, fb, calls: int, rounds: int = 15) -> tuple:
     return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
 
 
-def bare_session(model: Model):
-    """A plain InferenceSession with the runtime's own session options."""
+def bare_session(model: Model, path=None):
+    """A plain InferenceSession with the runtime's own session options, on ``path`` or the model's file."""
     import onnxruntime as ort
 
     sess = model.backend.session
@@ -66,7 +73,7 @@ def bare_session(model: Model):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = model.backend.threads
     so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(model.artifact), so, providers=["CPUExecutionProvider"]), sess.get_inputs()[0].name
+    return ort.InferenceSession(str(path or model.artifact), so, providers=["CPUExecutionProvider"]), sess.get_inputs()[0].name
 
 
 def torch_model(run_dir: str):
@@ -132,8 +139,8 @@ def measure(name: str, bundle: str, run_dir: str, calls: int) -> dict:
     ref = json.loads((Path(bundle) / "manifest.json").read_text())["reference"]
     x1 = np.load(Path(bundle) / ref["inputs"])[:1].astype(np.float32)
     jpeg = (Path(bundle) / ref["images"][0]).read_bytes()
-    fp32 = Model.load(bundle, precision="fp32")
-    int8 = Model.load(bundle, precision="int8")
+    fp32 = Model.load(bundle, backend="onnxruntime-cpu", precision="fp32")  # ONNX Runtime's overhead: `auto` may pick OpenVINO
+    int8 = Model.load(bundle, backend="onnxruntime-cpu", precision="int8")
     sess, in_name = bare_session(fp32)
     tm = torch_model(run_dir)
     xt = torch.from_numpy(x1)
@@ -148,6 +155,12 @@ def measure(name: str, bundle: str, run_dir: str, calls: int) -> dict:
     run4, e2e, r_e2e = paired(lambda: fp32.run(x1), lambda: fp32.predict(jpeg, top_k=1), calls)
     t = {"bare_session": bare, "model_run_fp32": run, "model_run_int8": int8_t, "pytorch_eager": eager_t, "end_to_end_fp32": e2e,
          "fp32_beside_int8": run2, "fp32_beside_eager": run3, "fp32_beside_e2e": run4}
+    r_trt = None
+    if (Path(bundle) / INT8_TENSORRT_ONNX).is_file():  # bundles exported before issue 12 have no such graph
+        cpu_graph, _ = bare_session(int8)
+        trt_graph, _ = bare_session(int8, Path(bundle) / INT8_TENSORRT_ONNX)
+        t["int8_cpu_graph_bare"], t["int8_tensorrt_graph_bare"], r_trt = paired(
+            lambda: cpu_graph.run(None, {in_name: x1}), lambda: trt_graph.run(None, {in_name: x1}), calls)
     us = {k: v * 1e6 for k, v in t.items()}
     return {
         "model": name,
@@ -159,9 +172,112 @@ def measure(name: str, bundle: str, run_dir: str, calls: int) -> dict:
         "ort_fp32_vs_eager_speedup": r_eager,
         "int8_vs_fp32_speedup": 1 / r_int8,
         "end_to_end_over_model_only": r_e2e,
+        "int8_tensorrt_graph_over_cpu_graph_on_cpu": r_trt,
         "cold_start": cold_start(bundle, str(Path(bundle) / ref["images"][0])),
         "cold_start_pytorch": cold_start_torch(run_dir, str(Path(bundle) / ref["images"][0])),
     }
+
+
+def interleaved(fns: dict, calls: int, rounds: int = 15) -> tuple:
+    """Per-call seconds of each function, timed in blocks that take turns (one block each per round), and per
+    round every function's time over the first one's: the median of those ratios is what compares them."""
+    def block(fn):
+        time.sleep(0.1)  # let the other engine's spinning threads park
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t) / calls
+
+    for fn in fns.values():  # warm-up
+        block(fn)
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k].append(block(fn))
+    base = next(iter(fns))
+    ratios = {k: statistics.median(b / a for a, b in zip(times[base], times[k])) for k in fns}
+    return {k: statistics.median(v) for k, v in times.items()}, ratios
+
+
+# the side-by-side runs: (label, backend, precision); ONNX Runtime FP32 first, the baseline of every ratio
+OPENVINO_RUNS = (("onnxruntime fp32", "onnxruntime-cpu", "fp32"), ("onnxruntime int8", "onnxruntime-cpu", "int8"),
+                 ("openvino f32", "openvino-cpu", "fp32"), ("openvino bf16", "openvino-cpu", "bf16"), ("openvino int8", "openvino-cpu", "int8"))
+
+
+def openvino_vs_onnxruntime(bundle: str, image_dir: Path, batches=(1, 32), rounds: int = 15) -> dict:
+    """OpenVINO f32/bf16/int8 and ONNX Runtime FP32/INT8 on one bundle in one process: latency per batch size as
+    ratios over ONNX Runtime FP32, agreement on real test images, and verify() against the bundle's reference."""
+    from edgeconv_runtime.backends.openvino import bf16_status
+
+    models, skipped = {}, {}
+    for label, backend, precision in OPENVINO_RUNS:
+        if precision == "bf16" and not bf16_status()[0]:
+            skipped[label] = bf16_status()[1]
+            continue
+        models[label] = Model.load(bundle, backend=backend, precision=precision)
+    base = models["onnxruntime fp32"]
+    files = sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    x = base.preprocess_images([str(f) for f in files])
+    labels = np.array([base.classes.index(f.parent.name) for f in files])
+    out = {"model": base.bundle.name, "bundle": bundle, "threads": base.backend.threads, "images": len(files),
+           "openvino": models["openvino f32"].describe().get("openvino"), "skipped": skipped, "latency_ms": {}, "vs_onnxruntime_fp32": {},
+           "openvino_int8_vs_onnxruntime_int8": {}, "agreement": {}, "verify": {}}
+    for b in batches:
+        xb = np.ascontiguousarray(x[:b])
+        calls = max(1, 16 // b)
+        t, r = interleaved({k: (lambda m=m: m.run(xb)) for k, m in models.items()}, calls, rounds)
+        out["latency_ms"][str(b)] = {k: v * 1e3 for k, v in t.items()}
+        out["vs_onnxruntime_fp32"][str(b)] = {k: 1 / v for k, v in r.items()}  # > 1: faster than ONNX Runtime FP32
+        if "openvino int8" in t:
+            out["openvino_int8_vs_onnxruntime_int8"][str(b)] = r["onnxruntime int8"] / r["openvino int8"]
+    ref = np.concatenate([base.run(x[i : i + 32]) for i in range(0, len(x), 32)])
+    for k, m in models.items():
+        got = np.concatenate([m.run(x[i : i + 32]) for i in range(0, len(x), 32)])
+        out["agreement"][k] = {"top1_agreement_vs_ort_fp32": float((got.argmax(1) == ref.argmax(1)).mean()),
+                               "max_abs_logit_diff_vs_ort_fp32": float(np.abs(got - ref).max()),
+                               "accuracy": float((got.argmax(1) == labels).mean())}
+        v = m.verify()
+        out["verify"][k] = {key: v[key] for key in ("ok", "max_abs_diff", "cosine_min", "top1_agreement", "problems")}
+    return out
+
+
+def openvino_markdown(r: dict, env: dict) -> str:
+    """The side-by-side table of backends.md: which engine is faster per precision and batch size here."""
+    sizes = list(r["latency_ms"])
+    head = ["engine / precision"] + [f"batch {b} ms (x ORT FP32)" for b in sizes] + ["top-1 agree", "max logit diff", "test acc", "verify"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for k in r["agreement"]:
+        row = [k] + [f"{r['latency_ms'][b][k]:.1f} ({r['vs_onnxruntime_fp32'][b][k]:.2f}x)" for b in sizes]
+        a = r["agreement"][k]
+        row += [f"{a['top1_agreement_vs_ort_fp32']:.3f}", f"{a['max_abs_logit_diff_vs_ort_fp32']:.2g}", f"{a['accuracy']:.3f}",
+                "ok" if r["verify"][k]["ok"] else "FAILED"]
+        lines.append("| " + " | ".join(row) + " |")
+    i8 = ", ".join(f"batch {b}: {v:.2f}x" for b, v in r["openvino_int8_vs_onnxruntime_int8"].items())
+    return (f"# OpenVINO vs ONNX Runtime on the CPU, {r['model']}\n\n"
+            f"One run, one process, {r['threads']} threads each, alternating blocks (ratios: median over 15 rounds of the adjacent "
+            f"blocks). CPU: {env.get('cpu')} ({env.get('cores')} cores; {', '.join(f for f in env.get('cpu_flags', []) if 'bf16' in f or 'amx' in f or 'vnni' in f)}), "
+            f"OpenVINO {r['openvino']}, ONNX Runtime {env.get('onnxruntime')}. Agreement on the {r['images']} cats_and_dogs_small "
+            "test images against ONNX Runtime FP32; verify against the bundle's PyTorch reference with each precision's tolerance "
+            "(bf16 takes FP16's).\n\n" + "\n".join(lines) + f"\n\nOpenVINO int8 over ONNX Runtime int8: {i8}.\n"
+            + "".join(f"\nskipped {k}: {v}\n" for k, v in r["skipped"].items()))
+
+
+def main_openvino(bundle: str) -> None:
+    r = openvino_vs_onnxruntime(bundle, SHARED / "cats_and_dogs_small" / "test")
+    env = environment(r["threads"])
+    r["environment"] = env
+    r["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    md = openvino_markdown(r, env)
+    print(md)
+    from _common import RESULTS
+    from edgeconv_runtime.fileio import atomic_write_text
+
+    path = RESULTS / "backends.json"
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    doc["openvino_vs_onnxruntime"] = r  # the other sections keep their own run
+    write_json("backends.json", doc)
+    atomic_write_text(RESULTS / "backends.md", md)
+    print(f"wrote {path} and {RESULTS / 'backends.md'}")
 
 
 def main() -> None:
@@ -171,7 +287,13 @@ def main() -> None:
     ap.add_argument("--mnist-bundle")
     ap.add_argument("--mnist-run")
     ap.add_argument("--work", default="/tmp/edgeconv-bench-backends")
+    ap.add_argument("--openvino", action="store_true", help="only OpenVINO vs ONNX Runtime on --lite0-bundle, added to backends.json")
     args = ap.parse_args()
+    if args.openvino:
+        if not args.lite0_bundle:
+            ap.error("--openvino needs --lite0-bundle")
+        main_openvino(args.lite0_bundle)
+        return
     paths = {k: getattr(args, k) for k in ("lite0_bundle", "lite0_run", "mnist_bundle", "mnist_run")}
     if not all(paths.values()):
         paths = make_bundles(Path(args.work))
@@ -191,13 +313,24 @@ def main() -> None:
             "eager vs ORT fp32 us": f"{t['pytorch_eager']:.1f} vs {t['fp32_beside_eager']:.1f} ({r['ort_fp32_vs_eager_speedup']:.2f}x)",
             "fp32 vs int8 us": f"{t['fp32_beside_int8']:.1f} vs {t['model_run_int8']:.1f} ({r['int8_vs_fp32_speedup']:.2f}x)",
             "e2e vs model us": f"{t['end_to_end_fp32']:.1f} vs {t['fp32_beside_e2e']:.1f} ({r['end_to_end_over_model_only']:.2f}x)",
+            "int8 cpu vs trt graph us": (f"{t['int8_cpu_graph_bare']:.1f} vs {t['int8_tensorrt_graph_bare']:.1f} "
+                                         f"({r['int8_tensorrt_graph_over_cpu_graph_on_cpu']:.2f}x)" if "int8_cpu_graph_bare" in t else "-"),
             "cold s / peak MB": f"{r['cold_start']['cold_start_s_median']:.3f} / {r['cold_start']['peak_rss_mb_median']:.0f}",
             "torch cold s / MB": f"{r['cold_start_pytorch']['cold_start_s_median']:.2f} / {r['cold_start_pytorch']['peak_rss_mb_median']:.0f}",
         })
     print(table(rows, list(rows[0])))
     print("targets:", json.dumps(targets))
-    path = write_json("backends.json", {"results": results, "targets": targets, "environment": environment(2)})
+    from _common import RESULTS
+
+    old = RESULTS / "backends.json"
+    doc = json.loads(old.read_text()) if old.is_file() else {}  # keep the sections other runs wrote (--openvino)
+    doc.update(results=results, targets=targets, environment=environment(2))
+    path = write_json("backends.json", doc)
     print(f"wrote {path}")
+    from edgeconv_runtime.backends.openvino import openvino_status
+
+    if openvino_status()[0]:
+        main_openvino(paths["lite0_bundle"])
 
 
 if __name__ == "__main__":

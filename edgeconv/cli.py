@@ -12,6 +12,8 @@ import click
 
 from edgeconv_runtime.errors import EdgeconvError
 
+from . import __version__
+
 
 def user_errors(fn):
     """Print EdgeconvError as one line (no traceback) and exit 2."""
@@ -28,6 +30,7 @@ def user_errors(fn):
 
 
 @click.group()
+@click.version_option(__version__, "--version", prog_name="edgeconv", message="%(prog)s %(version)s")
 @click.option("-v", "--verbose", is_flag=True, help="Log each epoch.")
 def cli(verbose: bool) -> None:
     """edgeconv: train image classifiers, export them, run them on a device."""
@@ -184,7 +187,7 @@ def demo_cmd(out: str, epochs: int, test_data: str | None, json_path: str | None
     click.echo(summary_table(rows))
     from .model_card import extend_card
 
-    extend_card(Path(out), bundle, export=manifest.artifacts, benchmarks=rows)
+    extend_card(Path(out), bundle, export=[a.to_dict() for a in manifest.artifacts], benchmarks=rows)
     if json_path:
         atomic_write_json(json_path, {"train": m, "rows": rows})
     click.echo(f"\nrun directory: {out}   bundle: {bundle}")
@@ -226,7 +229,7 @@ def format_manifest(m: dict) -> str:
         extra = ""
         if p:
             extra = f"  max|diff| {p['max_abs_diff']:.2e}  top1 agree {p['top1_agreement']:.4f}  acc {p['accuracy']:.4f}"
-        lines.append(f"  {a['file']:<18} {a['precision']:<5} {a['bytes'] / 1e6:8.2f} MB{extra}")
+        lines.append(f"  {a['file']:<20} {a['precision']:<5} {a['bytes'] / 1e6:8.2f} MB{extra}")
     if m.get("triton"):
         t = m["triton"]
         lines.append(f"  Triton model repository: {t['file']} ({t['platform']}, {t['precision']}, max_batch_size {t['max_batch_size']})")
@@ -240,7 +243,7 @@ def _runtime_passthrough(command: str):
     def passthrough(args) -> None:
         from edgeconv_runtime.cli import main as runtime_main
 
-        runtime_main([command, *args])
+        runtime_main([command, *args], prog="edgeconv")  # usage lines say `edgeconv predict`, as typed
 
     return passthrough
 

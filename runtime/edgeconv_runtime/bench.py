@@ -8,6 +8,7 @@ import io
 import os
 import platform
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .errors import BackendUnavailable, EdgeconvError
-from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .gpu import gpu_info, jetson_model
+from .fileio import atomic_write_json, atomic_write_text
+from .gpu import gpu_info
+from .jetson import PowerSampler, jetson_facts, jetson_model
 
 
 @dataclass
@@ -94,56 +96,8 @@ def environment(threads: Optional[int] = None) -> dict:
         env["gpu"] = gpu
     model = jetson_model()
     if model:
-        env["jetson"] = jetson_facts()
+        env["jetson"] = jetson_facts(power_probe_s=0.5)  # records the power method (input rail or sum of rails)
     return env
-
-
-def jetson_facts() -> dict:
-    facts = {"model": jetson_model()}
-    try:
-        facts["l4t"] = Path("/etc/nv_tegra_release").read_text().splitlines()[0].strip()
-    except OSError:
-        facts["l4t"] = None
-    try:
-        import subprocess
-
-        out = subprocess.run(["nvpmodel", "-q"], capture_output=True, text=True, timeout=10)
-        facts["nvpmodel"] = " ".join(out.stdout.split()) or None
-    except (OSError, subprocess.SubprocessError):
-        facts["nvpmodel"] = None
-    return facts
-
-
-class Tegrastats:
-    """Samples tegrastats on a Jetson while a measurement runs: mean power in watts."""
-
-    def __init__(self):
-        self.proc = None
-        self.samples: list = []
-
-    def __enter__(self):
-        import shutil
-        import subprocess
-
-        if jetson_model() and shutil.which("tegrastats"):
-            self.proc = subprocess.Popen(["tegrastats", "--interval", "200"], stdout=subprocess.PIPE, text=True)
-        return self
-
-    def __exit__(self, *exc):
-        if self.proc is not None:
-            import re
-
-            self.proc.terminate()
-            out, _ = self.proc.communicate(timeout=5)
-            for line in out.splitlines():
-                # e.g. "VDD_IN 5012mW/5012mW" (Orin) or "POM_5V_IN 3200/3200" (Nano/Xavier)
-                m = re.search(r"(?:VDD_IN|POM_5V_IN)\s+(\d+)(?:mW)?/", line)
-                if m:
-                    self.samples.append(int(m.group(1)) / 1000.0)
-
-    @property
-    def mean_watts(self) -> Optional[float]:
-        return float(np.mean(self.samples)) if self.samples else None
 
 
 class _Progress:
@@ -167,13 +121,17 @@ def run_bench(cfg: BenchConfig) -> dict:
     from .model import Model, softmax
     from .preprocess import preprocess_images
 
+    import datetime as _dt
+
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    t_start = time.perf_counter()
+    load_start = _loadavg()
     bundle = read_bundle(cfg.bundle)
-    ref = bundle.manifest.get("reference") or {}
-    root = Path(cfg.bundle)
-    ref_x = np.load(root / ref["inputs"]).astype(np.float32) if ref.get("inputs") else None
+    ref = bundle.manifest.reference or {}
+    ref_x = np.load(bundle.path(ref["inputs"]), allow_pickle=False).astype(np.float32) if ref.get("inputs") else None
     if ref_x is None:
         raise EdgeconvError("the bundle has no reference inputs to benchmark with; re-export it")
-    jpeg_bytes = [(root / f).read_bytes() for f in ref.get("images", [])]
+    jpeg_bytes = [bundle.path(f).read_bytes() for f in ref.get("images", [])]
     rows, skipped = [], []
     combos = [(b, p) for b in cfg.backends for p in cfg.precisions]
     progress = _Progress(len(combos) * len(cfg.batch_sizes), cfg.progress)
@@ -193,13 +151,16 @@ def run_bench(cfg: BenchConfig) -> dict:
         accuracy = model.evaluate(cfg.data)["accuracy"] if cfg.data else None
         for bs in cfg.batch_sizes:
             x = np.ascontiguousarray(np.resize(ref_x, (bs, *ref_x.shape[1:])))
-            with Tegrastats() as tegra:
+            with PowerSampler() as power:  # jtop or tegrastats on a Jetson; a no-op elsewhere
                 times = time_loop(lambda: model.run(x), cfg.warmup, cfg.iterations, cfg.duration)
             row = {"backend": model.backend_name, "precision": precision, "batch": bs, "load_s": load_s, "first_inference_ms": first_ms,
                    "threads": getattr(model.backend, "threads", None), **latency_stats(times, bs)}
-            if tegra.mean_watts:
-                row["watts"] = tegra.mean_watts
-                row["images_per_watt"] = row["throughput_ips"] / tegra.mean_watts
+            if power.mean_watts:
+                row["watts"] = power.mean_watts
+                row["images_per_watt"] = row["throughput_ips"] / power.mean_watts
+                row["power_method"] = f"{power.source}: {power.summary['method']}"
+            elif power.source:
+                row["power_method"] = f"{power.source}: no reading ({power.summary['reason']})"
             if cfg.end_to_end and jpeg_bytes:
                 batch_bytes = [jpeg_bytes[i % len(jpeg_bytes)] for i in range(bs)]
                 pre = model.preprocess
@@ -216,22 +177,81 @@ def run_bench(cfg: BenchConfig) -> dict:
             rows.append(row)
             progress.step(f"{model.backend_name} {precision} batch {bs}")
         model.close()
-    return {"bundle": str(Path(cfg.bundle).resolve()), "model": bundle.name, "environment": environment(cfg.threads), "rows": rows, "skipped": skipped}
+    load_end = _loadavg()
+    from .compare import device_label
+    from .fileio import sha256_file
+    from .manifest import MANIFEST_NAME
+
+    result = {"bundle": str(Path(cfg.bundle).resolve()), "model": bundle.name,
+              "bundle_sha256": sha256_file(Path(cfg.bundle) / MANIFEST_NAME),  # the manifest holds every artifact's sha256
+              "timestamp": started, "seconds": round(time.perf_counter() - t_start, 3), "versions": library_versions(),
+              "load": {"loadavg_1m_start": load_start, "loadavg_1m_end": load_end, "cpu_count": os.cpu_count()},
+              "environment": environment(cfg.threads), "rows": rows, "skipped": skipped}
+    result["environment"].setdefault("ram_gb", _ram_gb())
+    result["device"] = device_label(result)
+    return result
 
 
-COLUMNS = ("backend", "precision", "batch", "p50_ms", "p99_ms", "throughput_ips", "e2e_p50_ms", "load_s", "first_inference_ms", "accuracy")
+def _loadavg() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def _ram_gb() -> Optional[float]:
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(l.split()[1]) for l in f if l.startswith("MemTotal:"))
+        return round(kb / (1 << 20), 1)
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def library_versions() -> dict:
+    """Versions that change the figures: this runtime and every inference library present (not imported)."""
+    from importlib import metadata
+
+    from . import __version__
+
+    out = {"python": platform.python_version(), "edgeconv-runtime": __version__}
+    for dist in ("edgeconv", "numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-cu12", "tensorrt-cu13", "openvino", "pillow"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+# (row key, heading, width): a row with the power column is 112 characters, inside a 120-column terminal
+COLUMNS = (("backend", "backend", 20), ("precision", "precision", 9), ("batch", "batch", 5), ("p50_ms", "p50 ms", 9),
+           ("p99_ms", "p99 ms", 9), ("throughput_ips", "images/s", 9), ("e2e_p50_ms", "e2e p50 ms", 10), ("load_s", "load s", 7),
+           ("first_inference_ms", "first ms", 9), ("accuracy", "accuracy", 8))
+POWER_COLUMN = ("images_per_watt", "img/s/W", 7)
+TABLE_WIDTH = 120
+
+
+def _cell(v, width: int) -> str:
+    """A number in at most ``width`` characters (4 significant figures for small ones), text left-aligned, None as '-'."""
+    if v is None or (isinstance(v, float) and v != v):
+        return "-".rjust(width)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        s = str(v)
+        return (s if len(s) <= width else s[: width - 1] + "~").ljust(width)
+    if isinstance(v, int):
+        return str(v).rjust(width)
+    s = f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}" if abs(v) < 1000 else f"{v:.0f}"
+    return s.rjust(width)
 
 
 def format_table(result: dict) -> str:
-    lines = [" ".join(f"{c:>18}" for c in COLUMNS)]
-    for r in result["rows"]:
-        vals = []
-        for c in COLUMNS:
-            v = r.get(c)
-            vals.append(f"{v:>18.4f}" if isinstance(v, float) else f"{str(v):>18}")
-        lines.append(" ".join(vals))
+    """One line per backend x precision x batch size, at most 120 columns; a figure not measured prints '-'."""
+    cols = COLUMNS + ((POWER_COLUMN,) if any(r.get("images_per_watt") is not None for r in result["rows"]) else ())
+    text = ("backend", "precision")
+    lines = [" ".join(t.ljust(w) if k in text else t.rjust(w) for k, t, w in cols)]
+    lines += [" ".join(_cell(r.get(k), w) for k, _, w in cols) for r in result["rows"]]
     for s in result["skipped"]:
-        lines.append(f"skipped {s['backend']} {s['precision']}: {s['reason']}")
+        lines.append(textwrap.fill(f"skipped {s['backend']} {s['precision']}: {s['reason']}", TABLE_WIDTH, subsequent_indent="  "))
     return "\n".join(lines)
 
 
@@ -250,29 +270,7 @@ def write_outputs(result: dict, json_path=None, csv_path=None, plot_path=None) -
 
 
 def plot(result: dict, path) -> None:
-    try:
-        import matplotlib
+    """Latency and throughput per batch size; the x axis names the measured batch sizes, the title the device."""
+    from .compare import device_label, plot_compare
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise EdgeconvError("--plot needs matplotlib (pip install matplotlib)") from exc
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    series = {}
-    for r in result["rows"]:
-        series.setdefault(f"{r['backend']} {r['precision']}", []).append(r)
-    for label, rs in series.items():
-        rs = sorted(rs, key=lambda r: r["batch"])
-        a1.plot([r["batch"] for r in rs], [r["p50_ms"] for r in rs], "o-", label=label)
-        a2.plot([r["batch"] for r in rs], [r["throughput_ips"] for r in rs], "o-", label=label)
-    for ax, title in ((a1, "p50 latency (ms)"), (a2, "throughput (images/s)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
-        ax.set_title(title)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{result['model']}")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    plot_compare([{**result, "_label": device_label(result), "_file": Path(path).name}], path, title=result.get("model"))

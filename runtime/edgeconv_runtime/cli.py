@@ -6,7 +6,17 @@ import json
 import sys
 from typing import Optional, Sequence
 
+from . import __version__
 from .errors import EdgeconvError
+from .manifest import RUNTIME_PRECISIONS
+
+
+class _Parser(argparse.ArgumentParser):
+    """No silent abbreviation, on every parser and subparser: `--batch-size` must not quietly mean `--batch-sizes`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
 
 def _ints(s: str) -> list:
@@ -19,25 +29,46 @@ def _ints(s: str) -> list:
     return vals
 
 
+def _positive(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {s!r}")
+    return v
+
+
 def _list(s: str) -> list:
     return [v.strip() for v in s.split(",") if v.strip()]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgeconv-runtime", description="Run edgeconv bundles without PyTorch.")
-    sub = p.add_subparsers(dest="command", required=True)
+def build_parser(prog: str = "edgeconv-runtime") -> argparse.ArgumentParser:
+    """``prog`` names the command typed, in usage lines: ``edgeconv`` passes its runtime commands through here."""
+    p = _Parser(prog=prog, description="Run edgeconv bundles without PyTorch.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p.commands = sub.choices  # name -> subparser, for errors in the subcommand's own words
 
     def common(sp, precision_default=None):
         sp.add_argument("bundle", help="bundle directory (or a .onnx / .plan file)")
         sp.add_argument("--backend", default="auto", help="auto, onnxruntime-cpu, onnxruntime-cuda, onnxruntime-tensorrt, tensorrt")
-        sp.add_argument("--precision", default=precision_default, choices=["fp32", "fp16", "int8"])
+        sp.add_argument("--precision", default=precision_default, choices=list(RUNTIME_PRECISIONS))
         sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
 
-    sp = sub.add_parser("predict", help="top-k classes for images")
+    sp = sub.add_parser("predict", help="top-k classes for images, or for the frames of a video, stream or camera",
+                        epilog="With --source: one line per classified frame (frame, time in the source, latency, top-k), then a "
+                               "summary (frames, frames/s, latency percentiles). Exit 0 at the end of the source or --max-frames; "
+                               "Ctrl-C ends the stream after the current batch, prints the summary and exits 130.")
     common(sp)
-    sp.add_argument("images", nargs="+")
+    sp.add_argument("images", nargs="*", help="image files (or --source)")
+    sp.add_argument("--source", default=None,
+                    help="video file, rtsp://..., /dev/videoN or csi://N (Jetson CSI camera); needs pip install 'edgeconv-runtime[video]'")
     sp.add_argument("--top-k", type=int, default=5)
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="JSON; with --source one line per frame and a summary line last")
+    sp.add_argument("--every", type=_positive, default=None, help="--source: classify every N-th frame (default 1)")
+    sp.add_argument("--max-frames", type=_positive, default=None, help="--source: stop after N classified frames")
+    sp.add_argument("--batch", type=_positive, default=None, help="frames per inference (default 1 with --source, 32 for images)")
 
     sp = sub.add_parser("evaluate", help="accuracy on a folder of class sub-folders")
     common(sp)
@@ -69,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default; another address is an explicit choice)")
     sp.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     sp.add_argument("--backend", default="auto")
-    sp.add_argument("--precision", default=None, choices=["fp32", "fp16", "int8"])
+    sp.add_argument("--precision", default=None, choices=list(RUNTIME_PRECISIONS))
     sp.add_argument("--max-batch", type=int, default=32, help="1 turns dynamic batching off")
     sp.add_argument("--max-delay-ms", type=float, default=5.0)
     sp.add_argument("--max-queue", type=int, default=256, help="images waiting; beyond it requests get 503")
@@ -78,19 +109,103 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, default=2, help="decode/preprocess threads")
     sp.add_argument("--threads", type=int, default=None, help="inference threads")
 
+    sp = sub.add_parser("build-engine", help="build TensorRT engines on this device from the bundle's ONNX files")
+    sp.add_argument("bundle", help="bundle directory written by `edgeconv export`")
+    sp.add_argument("--precision", type=_list, default=["fp32"], help="comma list of fp32, fp16, int8 (default fp32)")
+    sp.add_argument("--batch", default="1,8,32", help="optimization profile MIN,OPT,MAX batch (default 1,8,32)")
+    sp.add_argument("--workspace-mb", type=int, default=2048, help="builder workspace in MB (default 2048)")
+    sp.add_argument("--timing-cache", default=None, help="timing cache file: read if present, written after the build")
+    sp.add_argument("--dla-core", type=int, default=None, help="build for this DLA core (Jetson AGX/NX)")
+    sp.add_argument("--gpu-fallback", action="store_true", help="with --dla-core: run layers DLA cannot on the GPU")
+
+    sp = sub.add_parser("compare", help="bench runs from several devices in one table and one plot")
+    sp.add_argument("runs", nargs="+", help="JSON files written by `bench --json`")
+    sp.add_argument("--markdown", action="store_true", help="a Markdown table")
+    sp.add_argument("--plot", dest="plot_path", default=None, help="PNG: latency, images/s (and images/s per watt) per batch size")
+
     sub.add_parser("backends", help="which backends are usable here, and why not the others")
     return p
 
 
-def run(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def _check_predict(args) -> None:
+    """One-line refusals before a model is loaded."""
+    if args.images and args.source:
+        raise EdgeconvError("predict takes image files or --source, not both")
+    if not args.images and not args.source:
+        raise EdgeconvError("predict needs image files or --source SRC (a video file, rtsp://..., /dev/videoN or csi://N)")
+    if not args.source and (args.every or args.max_frames):
+        raise EdgeconvError("--every and --max-frames apply to --source only")
+    if args.source:
+        from .stream import import_cv2
+
+        import_cv2()  # the install hint now, not after loading the model
+
+
+def _predict_stream(model, args) -> int:
+    from .stream import FRAME_HEADER, format_frame, format_summary, stop_on_sigint
+
+    stream = model.stream(args.source, every=args.every or 1, max_frames=args.max_frames, batch=args.batch or 1, top_k=args.top_k)
+    with stream, stop_on_sigint(stream):
+        if not args.json:
+            print(FRAME_HEADER, flush=True)
+        try:
+            for p in stream:
+                print(json.dumps(p.to_dict()) if args.json else format_frame(p), flush=True)
+        except KeyboardInterrupt:  # a second Ctrl-C, or one outside the stream's loop
+            stream.interrupted = True
+        summary = stream.summary()
+    print(json.dumps({"summary": summary}) if args.json else format_summary(summary), flush=True)
+    return 130 if summary["interrupted"] else 0
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """parse_args, but an unknown option is reported by its subcommand (`usage: edgeconv bench ...`), with the option it
+    may have been meant as: options are never abbreviated."""
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "predict" and extra:
+        # `predict BUNDLE --json a.png b.png`: argparse gives the optional images positional its empty match at
+        # BUNDLE, so images after options come back unparsed; they are still images
+        images = [x for x in extra if not x.startswith("-") or x == "-"]
+        if images and len(images) == len(extra):
+            args.images = list(args.images or []) + images
+            extra = []
+    if extra:
+        sp = parser.commands[args.command]
+        known = [o for a in sp._actions for o in a.option_strings]
+        meant = sorted({o for x in extra if x.startswith("--") for o in known if o.startswith(x.split("=")[0])})
+        hint = f" (options are not abbreviated: did you mean {' or '.join(meant)}?)" if meant else ""
+        sp.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    return args
+
+
+def run(argv: Optional[Sequence[str]] = None, prog: str = "edgeconv-runtime") -> int:
+    args = _parse(build_parser(prog), argv)
+    if args.command == "predict":
+        _check_predict(args)
     if args.command == "backends":
         from .backends import available_backends
 
         for name, (ok, why) in available_backends().items():
             print(f"{name:<22} {'yes' if ok else 'no':<4} {why}")
         return 0
+    if args.command == "compare":
+        from .compare import compare
+
+        print(compare(args.runs, args.markdown, args.plot_path))
+        return 0
+    if args.command == "build-engine":
+        from .engine import EngineOptions, build_engines, parse_batch
+
+        opts = EngineOptions(tuple(args.precision), parse_batch(args.batch), args.workspace_mb, args.timing_cache, args.dla_core,
+                             args.gpu_fallback)
+        built = build_engines(args.bundle, opts)
+        print(f"added {len(built)} engine(s) to {args.bundle}: {', '.join(a.file for a in built)}")
+        return 0
     if args.command == "bench":
+        if args.plot_path:
+            from .compare import require_matplotlib
+
+            require_matplotlib()  # refused before minutes of measuring, not after
         from .bench import BenchConfig, format_table, run_bench, write_outputs
 
         if args.iterations is None and args.duration is None:
@@ -112,7 +227,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
     model = Model.load(args.bundle, backend=args.backend, precision=args.precision, threads=args.threads)
     if args.command == "predict":
-        preds = model.predict(args.images, top_k=args.top_k)
+        if args.source:
+            return _predict_stream(model, args)
+        preds = model.predict(args.images, top_k=args.top_k, batch_size=args.batch or 32)
         if args.json:
             print(json.dumps([p.to_dict() for p in preds], indent=2))
         else:
@@ -144,14 +261,19 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     return 2
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Optional[Sequence[str]] = None, prog: str = "edgeconv-runtime") -> None:
     try:
-        code = run(argv)
+        code = run(argv, prog)
     except EdgeconvError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:  # `... | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141
     sys.exit(code)
 
 

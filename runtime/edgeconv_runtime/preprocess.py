@@ -23,6 +23,7 @@ _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 IMAGE_SOURCE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)
+CHANNEL_ORDERS = ("rgb", "bgr")
 
 
 @dataclass(frozen=True)
@@ -189,8 +190,30 @@ def normalize(pixels: np.ndarray, pre: Preprocess) -> np.ndarray:
     return x
 
 
-def preprocess_images(images: Sequence[ImageSource], pre: Preprocess, strict: bool = True) -> np.ndarray:
-    """Many images -> one NCHW float32 batch."""
+def check_channel_order(channel_order: str) -> str:
+    order = str(channel_order).lower()
+    if order not in CHANNEL_ORDERS:
+        raise EdgeconvError(f"unknown channel_order {channel_order!r}; use 'rgb' or 'bgr' (OpenCV's frames are BGR)")
+    return order
+
+
+def bgr_to_rgb(src: ImageSource) -> ImageSource:
+    """An HWC BGR (or BGRA) array, as OpenCV hands out, in RGB (RGBA) order; anything else unchanged.
+
+    Files, bytes and PIL images carry their own channel order: only arrays can be BGR.
+    """
+    if isinstance(src, np.ndarray) and src.ndim == 3:
+        if src.shape[2] == 3:
+            return src[:, :, ::-1]
+        if src.shape[2] == 4:
+            return src[:, :, [2, 1, 0, 3]]
+    return src
+
+
+def preprocess_images(images: Sequence[ImageSource], pre: Preprocess, strict: bool = True, channel_order: str = "rgb") -> np.ndarray:
+    """Many images -> one NCHW float32 batch. ``channel_order="bgr"``: array inputs are BGR (OpenCV's order)."""
     if len(images) == 0:
         raise EdgeconvError("no images given; pass at least one image")
+    if check_channel_order(channel_order) == "bgr":
+        images = [bgr_to_rgb(im) for im in images]
     return normalize(np.stack([load_pixels(im, pre, strict=strict) for im in images]), pre)

@@ -163,7 +163,7 @@ def create_app(cfg: ServeConfig, model=None):
     state = {"ready": False, "verify": None}
     registry, m = _metrics()
     model = model or Model.load(cfg.bundle, backend=cfg.backend, precision=cfg.precision, threads=cfg.threads, spin=False)
-    artifact_sha = next((a.get("sha256") for a in model.bundle.manifest.get("artifacts", []) if a["file"] == model.artifact.name), None)
+    artifact_sha = next((a.sha256 for a in model.bundle.manifest.artifacts if a.file == model.artifact.name), None)
     ident = {"name": model.bundle.name, "sha256": artifact_sha, "precision": model.precision, "backend": model.backend_name}
     decode_pool = ThreadPoolExecutor(max_workers=max(1, cfg.workers), thread_name_prefix="edgeconv-decode")
     batcher = Batcher(model, cfg.max_batch, cfg.max_delay_ms / 1000.0, cfg.max_queue, on_batch=m["batch"].observe)
@@ -184,6 +184,30 @@ def create_app(cfg: ServeConfig, model=None):
             chunks.append(chunk)
         return b"".join(chunks)
 
+    async def infer_admitted(n: int, prepare, payload) -> np.ndarray:
+        """Admission before any decoding, decoding in the pool, batched inference within --timeout-s.
+
+        Raises _HTTPError: 503 with Retry-After when the queue is full, 400 for input that does not
+        decode, 504 past the timeout. /v1/predict and the v2 protocol both go through here.
+        """
+        try:
+            batcher.reserve(n)
+        except QueueFull:
+            raise _HTTPError(503, "server busy: the inference queue is full; retry shortly", {"Retry-After": "1"})
+        m["queue"].set(batcher.pending)
+        try:
+            loop = asyncio.get_running_loop()
+            try:
+                x = await loop.run_in_executor(decode_pool, prepare, payload)
+            except EdgeconvError as exc:
+                raise _HTTPError(400, str(exc))
+            try:
+                return await asyncio.wait_for(batcher.submit(x), cfg.timeout_s)
+            except asyncio.TimeoutError:
+                raise _HTTPError(504, f"inference did not finish within {cfg.timeout_s} s")
+        finally:
+            batcher.release(n)
+
     async def predict(request: Request):
         t0 = time.perf_counter()
         try:
@@ -196,23 +220,7 @@ def create_app(cfg: ServeConfig, model=None):
                 blobs, top_k = _parse_json(body, top_k)
             else:
                 blobs = [body]
-            try:
-                batcher.reserve(len(blobs))
-            except QueueFull:
-                return error(503, "server busy: the inference queue is full; retry shortly", headers={"Retry-After": "1"})
-            m["queue"].set(batcher.pending)
-            try:
-                loop = asyncio.get_running_loop()
-                try:
-                    x = await loop.run_in_executor(decode_pool, model.preprocess_images, blobs)
-                except EdgeconvError as exc:
-                    return error(400, str(exc))
-                try:
-                    logits = await asyncio.wait_for(batcher.submit(x), cfg.timeout_s)
-                except asyncio.TimeoutError:
-                    return error(504, f"inference did not finish within {cfg.timeout_s} s")
-            finally:
-                batcher.release(len(blobs))
+            logits = await infer_admitted(len(blobs), model.preprocess_images, blobs)
             probs = softmax(logits.astype(np.float64))
             k = max(1, min(int(top_k), len(model.classes)))
             preds = []
@@ -223,7 +231,7 @@ def create_app(cfg: ServeConfig, model=None):
             m["latency"].observe(time.perf_counter() - t0)
             return JSONResponse({"model": ident, "predictions": preds})
         except _HTTPError as exc:
-            return error(exc.status, exc.message)
+            return error(exc.status, exc.message, headers=exc.headers)
         except ClientDisconnect:
             m["requests"].labels("499").inc()
             return Response(status_code=499)
@@ -239,7 +247,7 @@ def create_app(cfg: ServeConfig, model=None):
         return JSONResponse({"status": "not ready", "verify": state["verify"]}, status_code=503)
 
     async def model_info(request: Request):
-        return JSONResponse({**model.bundle.manifest, "serving": ident})
+        return JSONResponse({**model.bundle.manifest.to_dict(), "serving": ident})
 
     async def metrics(request: Request):
         m["queue"].set(batcher.pending)
@@ -266,13 +274,17 @@ def create_app(cfg: ServeConfig, model=None):
         Route("/v1/model", model_info),
         Route("/metrics", metrics),
     ]
+    from .v2 import v2_routes  # the Open Inference Protocol, on the same batcher, decode pool and limits
+
+    routes += v2_routes(model=model, cfg=cfg, infer_admitted=infer_admitted, decode_pool=decode_pool, state=state, registry=registry,
+                        read_body=read_body, ident=ident)
     return Starlette(routes=routes, lifespan=lifespan)
 
 
 class _HTTPError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: Optional[dict] = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 
 def _parse_json(body: bytes, top_k: int) -> tuple:
