@@ -23,7 +23,7 @@ from edgeconv_runtime.preprocess import Preprocess
 
 from . import checkpoint as ckpt
 from .augment import build_augmentation
-from .data import Dataset, Split, inspect_source, load_dataset
+from .data import Dataset, Split, inspect_source, load_dataset, shown
 from .models import count_parameters, create_model, get_model_entry
 
 log = logging.getLogger("edgeconv.train")
@@ -282,7 +282,8 @@ def build_preprocess(model_name: str, info, size: Optional[int], resize: Optiona
     ch = entry.preprocess.get("channels", info.channels)
     mean = p.get("mean", (0.0,) * ch)
     std = p.get("std", (1.0,) * ch)
-    return Preprocess(size=hw, channels=ch, resize=p.get("resize", "stretch"), crop_pct=p.get("crop_pct", 0.875), scale=p.get("scale", 1 / 255), mean=mean, std=std)
+    return Preprocess(size=hw, channels=ch, resize=p.get("resize", "stretch"), crop_pct=p.get("crop_pct", 0.875), scale=p.get("scale", 1 / 255), mean=mean, std=std,
+                      jpeg_draft=True)
 
 
 @dataclass
@@ -689,7 +690,7 @@ def _train(config: TrainConfig, dataset: Optional[Dataset], resume: bool, ctx) -
         ckpt.save_checkpoint(out / ckpt.CHECKPOINT_NAME, model, {k: v for k, v in best_ck.items() if k not in ("state_dict", "format", "version")})
         atomic_write_json(out / "metrics.json", metrics)
         write_history(out, history)
-        plot_history(out, history, f"{cfg.model} on {Path(str(dataset.source)).name}")
+        plot_history(out, history, f"{cfg.model} on {shown(Path(str(dataset.source)).name)}")
         from .model_card import write_model_card
 
         write_model_card(out, dataset=dataset, metrics=metrics, config=asdict(cfg), history=history)

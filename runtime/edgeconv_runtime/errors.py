@@ -11,3 +11,11 @@ class EdgeconvError(Exception):
 
 class BackendUnavailable(EdgeconvError):
     """A backend (CUDA, TensorRT, ...) cannot be used on this machine."""
+
+
+class ImageTooLarge(EdgeconvError):
+    """An image whose header declares more pixels than the decoder's cap (HTTP 413)."""
+
+
+class UnsupportedImage(EdgeconvError):
+    """An image in a format the decoder does not accept (only JPEG, PNG, WebP, BMP)."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence, Union
@@ -15,7 +17,7 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import EdgeconvError
+from .errors import EdgeconvError, ImageTooLarge, UnsupportedImage
 
 RESIZE_POLICIES = ("stretch", "shorter_center_crop")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -46,6 +48,10 @@ class Preprocess:
     interpolation: str = "bilinear"
     layout: str = "NCHW"
     value_range: tuple = (0, 255)
+    # JPEGs much larger than the input decode at 1/2, 1/4 or 1/8 scale (draft mode): faster and far less memory for
+    # photos, but other pixels than a full decode. Recorded with the model so training and every device decode alike:
+    # runs and bundles made before it existed read False and keep decoding in full, as they were trained.
+    jpeg_draft: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", tuple(int(s) for s in self.size))
@@ -82,8 +88,82 @@ class Preprocess:
         return cls(**known)
 
 
-def open_image(src: ImageSource, name: str | None = None) -> Image.Image:
-    """Decode a path, encoded bytes, a PIL image or an HWC uint8 array into a PIL image."""
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")  # Pillow's names; nothing else is even parsed
+_ACCEPTED_TEXT = "JPEG, PNG, WebP, BMP"
+DEFAULT_MAX_PIXELS = 40_000_000  # 40 megapixels: any phone photo, ~120 MB decoded as RGB
+MAX_PIXELS = DEFAULT_MAX_PIXELS  # the process-wide cap (``--max-pixels`` sets it); open_image(max_pixels=) overrides
+DRAFT_MARGIN = 2  # JPEG draft decoding keeps at least this many times the size the resize needs
+_ACCEPTED_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM")  # + RIFF....WEBP
+# magic bytes of formats we refuse, so the refusal names what the file is
+_OTHER_FORMATS = (
+    (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "BigTIFF"),
+    (b"MM\x00+", "BigTIFF"), (b"8BPS", "PSD"), (b"%!PS", "PostScript/EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"), (b"\x00\x00\x01\x00", "ICO"),
+    (b"icns", "ICNS"), (b"P1", "PBM"), (b"P2", "PGM"), (b"P3", "PPM"), (b"P4", "PBM"), (b"P5", "PGM"), (b"P6", "PPM"),
+    (b"P7", "PAM"), (b"qoif", "QOI"), (b"DDS ", "DDS"), (b"\x59\xa6\x6a\x95", "Sun raster"), (b"\x01\xda", "SGI"),
+    (b"#?RADIANCE", "HDR"), (b"\x76\x2f\x31\x01", "OpenEXR"), (b"FORM", "IFF"), (b"\x0a", "PCX"),
+)
+_BOMB_FILTER = ("error", None, Image.DecompressionBombWarning, None, 0)
+
+
+def _bomb_warning_is_error() -> None:
+    """Pillow's decompression-bomb warning is an error here (re-installed if something reset the filters)."""
+    if _BOMB_FILTER not in warnings.filters:
+        warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
+_bomb_warning_is_error()
+
+
+def set_max_pixels(n: int | None) -> None:
+    """Set the process-wide pixel cap (``--max-pixels``); None restores the default."""
+    global MAX_PIXELS
+    n = DEFAULT_MAX_PIXELS if n is None else int(n)
+    if n < 1:
+        raise EdgeconvError(f"--max-pixels must be >= 1, got {n}")
+    MAX_PIXELS = n
+    if Image.MAX_IMAGE_PIXELS is not None and n > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = n  # Pillow's own bomb check must not refuse what the user allowed
+    _bomb_warning_is_error()
+
+
+def _sniff(head: bytes) -> str:
+    for magic, fmt in _OTHER_FORMATS:
+        if head.startswith(magic):
+            return fmt
+    return ""
+
+
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                   5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                   8: Image.Transpose.ROTATE_90}  # EXIF orientation -> the transpose that shows the image upright
+
+
+def _orientation(img: Image.Image):
+    """The EXIF orientation tag, or None; EXIF too corrupt to read is ignored (the pixels may still be fine)."""
+    try:
+        o = img.getexif().get(0x0112)
+    except Exception:
+        return None
+    return o if o in (1, 2, 3, 4, 5, 6, 7, 8) else None
+
+
+def _draft_size(need: tuple, orientation) -> tuple:
+    # EXIF orientations 5-8 rotate by 90 degrees: the stored image is the transposed one
+    return (need[1], need[0]) if orientation in (5, 6, 7, 8) else need
+
+
+def open_image(src: ImageSource, name: str | None = None, max_pixels: int | None = None,
+               draft: tuple | None = None) -> Image.Image:
+    """Decode a path, encoded bytes, a PIL image or an HWC uint8 array into a PIL image.
+
+    The one safe decoder of training, calibration and the runtime: only JPEG, PNG, WebP and BMP are
+    parsed (others raise UnsupportedImage); the size the header declares is checked against
+    ``max_pixels`` (default ``MAX_PIXELS``) before any pixel is decoded (ImageTooLarge); a JPEG at
+    least ``DRAFT_MARGIN`` times ``draft`` = (width, height) in both directions is decoded at a
+    reduced scale (1/2, 1/4, 1/8) that keeps at least ``DRAFT_MARGIN`` times that size; EXIF
+    orientation is applied; every decoding failure is an EdgeconvError naming the image.
+    """
     if isinstance(src, Image.Image):
         return src
     if isinstance(src, np.ndarray):
@@ -95,24 +175,84 @@ def open_image(src: ImageSource, name: str | None = None) -> Image.Image:
             arr = src[:, :, 0] if src.shape[2] == 1 else src
             return Image.fromarray(np.ascontiguousarray(arr))
         raise EdgeconvError(f"image array has shape {src.shape}; pass HxW or HxWxC (C = 1, 3 or 4) uint8 pixels")
+    cap = MAX_PIXELS if max_pixels is None else int(max_pixels)
+    _bomb_warning_is_error()
     label = name
+    fp = None
     try:
         if isinstance(src, (bytes, bytearray, memoryview)):
             label = label or f"<{len(src)} bytes>"
             if len(src) == 0:
-                raise EdgeconvError("image is empty (0 bytes); send an encoded JPEG, PNG or WebP image")
-            img = Image.open(io.BytesIO(bytes(src)))
-        else:
+                raise EdgeconvError("image is empty (0 bytes); send an encoded JPEG, PNG, WebP or BMP image")
+            fp = io.BytesIO(bytes(src))
+        elif isinstance(src, (str, os.PathLike)):
             label = label or str(src)
             if not Path(src).is_file():
                 raise EdgeconvError(f"image not found: {src}; check the path")
-            img = Image.open(src)
+            fp = open(src, "rb")
+        else:
+            raise EdgeconvError(f"cannot read an image from a {type(src).__name__}; pass a path, encoded bytes, a PIL image or a uint8 array")
+        head = fp.read(16)
+        fp.seek(0)
+        try:
+            img = Image.open(fp, formats=list(ACCEPTED_FORMATS))  # reads the header only
+        except UnidentifiedImageError:
+            if head.startswith(_ACCEPTED_MAGIC) or head[8:12] == b"WEBP":  # one of ours with a broken header
+                raise EdgeconvError(f"cannot decode image {label}: its header is corrupt or truncated; "
+                                    f"is it a complete JPEG, PNG, WebP or BMP file?") from None
+            other = _sniff(head)
+            what = f"a {other} file" if other else "not a recognised image"
+            raise UnsupportedImage(f"image {label} is {what}; accepted formats: {_ACCEPTED_TEXT} (convert it to one of them)") from None
+        w, h = img.size
+        if w < 1 or h < 1:
+            raise EdgeconvError(f"image {label} declares an empty size {w}x{h}; is it a complete JPEG, PNG, WebP or BMP file?")
+        if w * h > cap:
+            raise ImageTooLarge(f"image {label} is {w}x{h} = {w * h} pixels, over the cap of {cap} pixels; "
+                                f"downscale it or raise the cap with --max-pixels")
+        orientation = None
+        if img.format == "JPEG" or img.format == "MPO":
+            orientation = _orientation(img)
+            if draft is not None:
+                need = _draft_size((max(1, int(draft[0])), max(1, int(draft[1]))), orientation)
+                if w >= DRAFT_MARGIN * 2 * need[0] and h >= DRAFT_MARGIN * 2 * need[1]:
+                    img.draft(img.mode, (DRAFT_MARGIN * need[0], DRAFT_MARGIN * need[1]))
         img.load()
+        if orientation is None:
+            orientation = _orientation(img)
+        if orientation not in (None, 1):  # what ImageOps.exif_transpose does, without re-reading the EXIF
+            img = img.transpose(_EXIF_TRANSPOSE[orientation])
         return img
     except EdgeconvError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise EdgeconvError(f"cannot decode image {label}: {exc}; is it a complete JPEG, PNG or WebP file?") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # Pillow's own limit, below ours
+        m = re.search(r"\((\d+) pixels\)", str(exc))
+        declared = f"declares {m.group(1)} pixels" if m else "declares too many pixels"
+        raise ImageTooLarge(f"image {label} {declared}, over the cap of {min(cap, Image.MAX_IMAGE_PIXELS or cap)} pixels; "
+                            f"downscale it or raise the cap with --max-pixels") from None
+    except MemoryError:
+        raise ImageTooLarge(f"image {label} is too large to decode in the memory available; downscale it or lower --max-pixels") from None
+    except Exception as exc:  # OSError, ValueError, SyntaxError, struct.error, EOFError, ...: Pillow's failures
+        raise EdgeconvError(f"cannot decode image {label}: {_one_line(exc)}; is it a complete JPEG, PNG, WebP or BMP file?") from None
+    finally:
+        if fp is not None:
+            fp.close()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def draft_size(pre: "Preprocess") -> tuple | None:
+    """(width, height) the resize policy needs from the decoded image (JPEG draft keeps at least a multiple of it);
+    None where the model was trained without draft decoding."""
+    if not pre.jpeg_draft:
+        return None
+    h, w = pre.size
+    if pre.resize == "stretch":
+        return (w, h)
+    short = int(round(min(h, w) / pre.crop_pct))
+    return (short, short)
 
 
 def convert_mode(img: Image.Image, channels: int, strict: bool = True) -> Image.Image:
@@ -159,11 +299,20 @@ def resize_image(img: Image.Image, pre: Preprocess) -> Image.Image:
     return img.crop((left, top, left + w, top + h))
 
 
-def load_pixels(src: ImageSource, pre: Preprocess, strict: bool = True, name: str | None = None) -> np.ndarray:
+def load_pixels(src: ImageSource, pre: Preprocess, strict: bool = True, name: str | None = None,
+                max_pixels: int | None = None) -> np.ndarray:
     """Decode, convert mode and resize: returns HWC uint8 pixels of the model's size."""
-    img = convert_mode(open_image(src, name), pre.channels, strict=strict)
-    img = resize_image(img, pre)
-    arr = np.asarray(img, dtype=np.uint8)
+    img = open_image(src, name, max_pixels=max_pixels, draft=draft_size(pre))
+    try:
+        img = convert_mode(img, pre.channels, strict=strict)
+        img = resize_image(img, pre)
+        arr = np.asarray(img, dtype=np.uint8)
+    except EdgeconvError:
+        raise
+    except Exception as exc:  # a mode Pillow cannot convert or resize
+        label = name or (str(src) if isinstance(src, (str, os.PathLike)) else f"of mode {img.mode}")
+        raise EdgeconvError(f"cannot convert image {label} (mode {img.mode}) to {pre.channel_order}: {_one_line(exc)}; "
+                            f"save it as an 8-bit RGB or grayscale JPEG, PNG, WebP or BMP file") from None
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return arr
