@@ -212,6 +212,54 @@ def test_fuzzed_bodies_and_headers_never_500(rgb_server, catsdogs_tiny):
     assert httpx.get(rgb_server.url + "/healthz").status_code == 200
 
 
+def _png_declaring(w: int, h: int) -> bytes:
+    """A PNG whose IHDR declares w x h (valid CRC), with one tiny IDAT: the header lies about the canvas."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+def test_fuzzed_forged_images_nesting_headers_and_v2_never_500(rgb_server):
+    """Forged canvas sizes, JSON nested to any depth, arbitrary extra headers, on /v1 and /v2: never a 5xx but 503."""
+    import struct
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    size = st.integers(1, 2**31 - 1)
+    forged = st.one_of(
+        st.tuples(size, size).map(lambda wh: _png_declaring(*wh)),
+        st.tuples(st.integers(1, 65535), st.integers(1, 65535)).map(lambda wh: b"GIF89a" + struct.pack("<HH", *wh) + b"\x00\x00\x00;"),
+    )
+    nested = st.integers(1, 20000).map(lambda d: (b"[" * d + b"]" * d) if d % 2 else (b'{"image":' * d + b'"x"' + b"}" * d))
+    headers = st.dictionaries(st.from_regex(r"x-[a-z]{1,12}", fullmatch=True), st.from_regex(r"[!-~]{1,200}( [!-~]{1,50}){0,2}", fullmatch=True),
+                              max_size=8)  # values a client can send (no leading/trailing blanks)
+    seen = {"n": 0}
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=st.one_of(forged, nested, forged.map(lambda b: json.dumps({"image": base64.b64encode(b).decode()}).encode())),
+           extra=headers, route=st.sampled_from(["v1", "v2"]))
+    def check(body, extra, route):
+        seen["n"] += 1
+        if route == "v1":
+            ctype = "application/json" if body[:1] in (b"[", b"{") else "image/png"
+            r = httpx.post(rgb_server.url + "/v1/predict", content=body, headers={"content-type": ctype, **extra}, timeout=30)
+        else:
+            doc = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(body).decode()]}]}
+            r = httpx.post(rgb_server.url + "/v2/models/chollet_catsdogs/infer", json=doc, headers=extra, timeout=30)
+        assert r.status_code < 500 or r.status_code == 503, (route, r.status_code, r.text[:200])
+        assert r.status_code != 200 or route == "v2" or body[:1] not in (b"[",)  # a bare JSON list is never a valid v1 body
+
+    check()
+    assert seen["n"] >= 120
+    assert httpx.get(rgb_server.url + "/healthz").status_code == 200
+
+
 def test_triton_repository_config_is_valid_model_config(tmp_path, mnist_run):
     import importlib.util
 

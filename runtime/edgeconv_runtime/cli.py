@@ -43,6 +43,13 @@ def _list(s: str) -> list:
     return [v.strip() for v in s.split(",") if v.strip()]
 
 
+def _max_pixels(sp) -> None:
+    from .preprocess import DEFAULT_MAX_PIXELS
+
+    sp.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
+                    help=f"refuse images whose header declares more pixels than this, before decoding (default {DEFAULT_MAX_PIXELS})")
+
+
 def build_parser(prog: str = "edgeconv-runtime") -> argparse.ArgumentParser:
     """``prog`` names the command typed, in usage lines: ``edgeconv`` passes its runtime commands through here."""
     p = _Parser(prog=prog, description="Run edgeconv bundles without PyTorch.")
@@ -62,6 +69,7 @@ def build_parser(prog: str = "edgeconv-runtime") -> argparse.ArgumentParser:
                                "Ctrl-C ends the stream after the current batch, prints the summary and exits 130.")
     common(sp)
     sp.add_argument("images", nargs="*", help="image files (or --source)")
+    _max_pixels(sp)
     sp.add_argument("--source", default=None,
                     help="video file, rtsp://..., /dev/videoN or csi://N (Jetson CSI camera); needs pip install 'edgeconv-runtime[video]'")
     sp.add_argument("--top-k", type=int, default=5)
@@ -74,10 +82,12 @@ def build_parser(prog: str = "edgeconv-runtime") -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("image_dir")
     sp.add_argument("--json", action="store_true")
+    _max_pixels(sp)
 
     sp = sub.add_parser("verify", help="re-run the bundle's reference inputs on this device")
     common(sp)
     sp.add_argument("--json", action="store_true")
+    _max_pixels(sp)
 
     sp = sub.add_parser("bench", help="latency/throughput per backend x precision x batch size")
     sp.add_argument("bundle")
@@ -108,6 +118,13 @@ def build_parser(prog: str = "edgeconv-runtime") -> argparse.ArgumentParser:
     sp.add_argument("--timeout-s", type=float, default=10.0, help="per-request inference timeout (504)")
     sp.add_argument("--workers", type=int, default=2, help="decode/preprocess threads")
     sp.add_argument("--threads", type=int, default=None, help="inference threads")
+    _max_pixels(sp)
+    sp.add_argument("--body-timeout-s", type=float, default=10.0, help="the whole body must arrive within this (408)")
+    sp.add_argument("--header-timeout-s", type=float, default=10.0, help="request headers must arrive within this (408, closed)")
+    sp.add_argument("--max-header-kb", type=float, default=64.0, help="request line + headers (431)")
+    sp.add_argument("--max-json-mb", type=float, default=8.0, help="JSON bodies (413)")
+    sp.add_argument("--max-inflight-body-mb", type=float, default=64.0, help="bodies held by all requests together (503)")
+    sp.add_argument("--admit-wait-ms", type=float, default=100.0, help="how long a request waits for a queue place before 503")
 
     sp = sub.add_parser("build-engine", help="build TensorRT engines on this device from the bundle's ONNX files")
     sp.add_argument("bundle", help="bundle directory written by `edgeconv export`")
@@ -180,6 +197,10 @@ def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> ar
 
 def run(argv: Optional[Sequence[str]] = None, prog: str = "edgeconv-runtime") -> int:
     args = _parse(build_parser(prog), argv)
+    if getattr(args, "max_pixels", None) is not None:
+        from .preprocess import set_max_pixels
+
+        set_max_pixels(args.max_pixels)  # the one decoder's cap, for every image this command decodes
     if args.command == "predict":
         _check_predict(args)
     if args.command == "backends":
@@ -221,7 +242,10 @@ def run(argv: Optional[Sequence[str]] = None, prog: str = "edgeconv-runtime") ->
         from .serve import ServeConfig, run_server
 
         run_server(ServeConfig(args.bundle, args.host, args.port, args.backend, args.precision, args.max_batch, args.max_delay_ms,
-                               args.max_queue, int(args.max_body_mb * 1024 * 1024), args.timeout_s, args.workers, args.threads))
+                               args.max_queue, int(args.max_body_mb * 1024 * 1024), args.timeout_s, args.workers, args.threads,
+                               body_timeout_s=args.body_timeout_s, header_timeout_s=args.header_timeout_s,
+                               max_header_bytes=int(args.max_header_kb * 1024), max_json_bytes=int(args.max_json_mb * 1024 * 1024),
+                               max_inflight_body_bytes=int(args.max_inflight_body_mb * 1024 * 1024), admit_wait_s=args.admit_wait_ms / 1000.0))
         return 0
     from .model import Model
 

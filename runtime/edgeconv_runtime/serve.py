@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import json
 import logging
@@ -21,6 +22,7 @@ from typing import Optional
 
 import numpy as np
 
+from . import errors as _errors
 from .errors import EdgeconvError
 
 log = logging.getLogger("edgeconv.serve")
@@ -44,10 +46,123 @@ class ServeConfig:
     workers: int = 2  # decode/preprocess threads
     threads: Optional[int] = None  # inference threads
     top_k: int = 5
+    body_timeout_s: float = 10.0  # the whole body must arrive within this (408): slow-body clients are dropped
+    header_timeout_s: float = 10.0  # request line + headers must arrive within this, then the connection is closed
+    max_header_bytes: int = 64 * 1024  # request line + headers; beyond it 431 and the connection is closed
+    max_json_bytes: int = 8 * 1024 * 1024  # JSON bodies (also capped by max_body_bytes)
+    max_inflight_body_bytes: int = 64 * 1024 * 1024  # bodies being received or held by all requests together (503)
+    admit_wait_s: float = 0.1  # a request that finds the queue full waits this long for a place (FIFO) before its 503
 
 
 class QueueFull(Exception):
     pass
+
+
+LARGE_PAYLOAD = 1024 * 1024
+_TOO_LARGE = getattr(_errors, "ImageTooLarge", ())  # the decoder's "header declares more pixels than the cap": 413
+
+
+def _guarded_protocol(cfg: ServeConfig):
+    """uvicorn's HTTP protocol with the limits it lacks: request line + headers capped at --max-header-kb (431) and
+    due within --header-timeout-s of the connection or of the previous response (closed), so a client that sends
+    headers 1 byte a second or never ends them is dropped. Falls back to h11 with its incomplete-event cap."""
+    try:
+        import httptools  # noqa: F401
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:
+        return None
+
+    limit, timeout = cfg.max_header_bytes, cfg.header_timeout_s
+
+    class Guarded(Base):
+        # _waiting: from the connection (or the previous response) until a request's headers are complete; the
+        # timer closes the connection when it lasts longer than the timeout. _in_head: inside a request's head.
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._head_bytes, self._in_head, self._waiting, self._head_timer, self._refused = 0, False, True, None, False
+            self._arm_head_timer()
+
+        def _arm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(timeout, self._head_too_slow)
+
+        def _head_too_slow(self) -> None:
+            self._head_timer = None
+            if self._waiting and not self.transport.is_closing():
+                if self._in_head:
+                    self._refuse(408, b"request headers did not arrive in time")
+                else:
+                    self.transport.close()
+
+        def _refuse(self, status: int, msg: bytes) -> None:
+            reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+            self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+                                 % (status, reason, len(msg), msg))
+            self.transport.close()
+            self._refused = True
+            _GuardedHttp.count(status)
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return
+            was_in_head = self._in_head
+            super().data_received(data)
+            if was_in_head and self._in_head:  # the chunk that began the request is bounded by the read size
+                self._head_bytes += len(data)
+                if self._head_bytes > limit and not self.transport.is_closing():
+                    self._refuse(431, b"request line and headers exceed the %d-byte limit" % limit)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head, self._head_bytes = True, 0
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._head_bytes += len(name) + len(value)
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            if self._refused:
+                return
+            self._in_head = self._waiting = False
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            if self._head_bytes > limit:
+                self._refuse(431, b"request line and headers exceed the %d-byte limit" % limit)
+                return
+            super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if not self._refused:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if not self._refused:
+                super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._waiting = True
+                self._arm_head_timer()
+
+        def connection_lost(self, exc) -> None:
+            if getattr(self, "_head_timer", None) is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            super().connection_lost(exc)
+
+    return Guarded
+
+
+class _GuardedHttp:
+    on_reject = None  # set by create_app: counts the protocol-level refusals in /metrics
+
+    @classmethod
+    def count(cls, status: int) -> None:
+        if cls.on_reject is not None:
+            cls.on_reject(status)
 
 
 class Batcher:
@@ -59,6 +174,7 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
         self.pending = 0  # images admitted: decoding, queued or in inference
+        self.waiters: collections.deque = collections.deque()  # (images, future) waiting for places, oldest first
         self.queue: asyncio.Queue = asyncio.Queue()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeconv-infer")
         self.on_batch = on_batch
@@ -82,8 +198,40 @@ class Batcher:
             raise QueueFull()
         self.pending += n
 
+    async def admit(self, n: int, wait_s: float) -> None:
+        """Like reserve, but a request that finds the queue full waits up to ``wait_s`` for places, first come first
+        served, before QueueFull. The wait costs no CPU, so clients that retry at once on 503 are slowed to the pace
+        the server can serve instead of spinning the event loop with rejections (goodput stays near capacity)."""
+        if n > self.max_queue:
+            raise QueueFull()
+        if not self.waiters and self.pending + n <= self.max_queue:
+            self.pending += n
+            return
+        if wait_s <= 0:
+            raise QueueFull()
+        entry = (n, asyncio.get_running_loop().create_future())
+        self.waiters.append(entry)
+        try:
+            await asyncio.wait_for(asyncio.shield(entry[1]), wait_s)
+        except asyncio.TimeoutError:
+            if entry[1].done():  # granted at the last moment: keep it
+                return
+            self.waiters.remove(entry)
+            raise QueueFull()
+        except asyncio.CancelledError:
+            if entry[1].done():
+                self.release(n)
+            else:
+                self.waiters.remove(entry)
+            raise
+
     def release(self, n: int) -> None:
         self.pending -= n
+        while self.waiters and self.pending + self.waiters[0][0] <= self.max_queue:
+            k, fut = self.waiters.popleft()
+            if not fut.done():
+                self.pending += k
+                fut.set_result(True)
 
     async def submit(self, x: np.ndarray) -> np.ndarray:
         """Queue a reserved batch of images for inference; returns its logits."""
@@ -151,7 +299,7 @@ def _metrics():
 def create_app(cfg: ServeConfig, model=None):
     """The Starlette app; loads the model (or takes one), warms it up and verifies it at startup."""
     try:
-        from prometheus_client import generate_latest
+        from prometheus_client import Counter, generate_latest
         from starlette.applications import Starlette
         from starlette.requests import ClientDisconnect, Request
         from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -166,45 +314,88 @@ def create_app(cfg: ServeConfig, model=None):
     artifact_sha = next((a.sha256 for a in model.bundle.manifest.artifacts if a.file == model.artifact.name), None)
     ident = {"name": model.bundle.name, "sha256": artifact_sha, "precision": model.precision, "backend": model.backend_name}
     decode_pool = ThreadPoolExecutor(max_workers=max(1, cfg.workers), thread_name_prefix="edgeconv-decode")
+    # requests carrying over LARGE_PAYLOAD bytes of images decode in their own thread, so that a burst of big
+    # photos queues behind itself and not in front of ordinary requests
+    large_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeconv-decode-large")
     batcher = Batcher(model, cfg.max_batch, cfg.max_delay_ms / 1000.0, cfg.max_queue, on_batch=m["batch"].observe)
 
     def error(status: int, msg: str, headers=None):
         m["requests"].labels(str(status)).inc()
         return JSONResponse({"error": msg}, status_code=status, headers=headers)
 
-    async def read_body(request: Request) -> bytes:
+    CLOSE = {"Connection": "close"}  # the body was not (fully) read: do not keep the connection for another request
+    inflight = {"bytes": 0}  # body bytes reserved by requests in progress; released when the response has gone
+
+    def reserve_body(request: Request, n: int) -> None:
+        if inflight["bytes"] + n > cfg.max_inflight_body_bytes:
+            raise _HTTPError(503, "server busy: too many request bodies in flight; retry shortly", {"Retry-After": "1", **CLOSE})
+        inflight["bytes"] += n
+        request.scope["edgeconv.body_bytes"] = request.scope.get("edgeconv.body_bytes", 0) + n
+
+    async def read_body(request: Request, limit: Optional[int] = None) -> bytes:
+        """The body, with admission before a byte of it is buffered.
+
+        A declared Content-Length over the limit is 413 and a full queue (for a body over 64 KB or of unknown
+        length) is 503, both before reading; the body bytes of all requests together stay under
+        --max-inflight-body-mb (503); the whole body must arrive within --body-timeout-s (408).
+        """
+        limit = cfg.max_body_bytes if limit is None else min(limit, cfg.max_body_bytes)
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > cfg.max_body_bytes:
-            raise _HTTPError(413, f"body of {length} bytes exceeds the {cfg.max_body_bytes}-byte limit")
+        declared = int(length) if length is not None and length.strip().isdigit() else None
+        if declared is not None and declared > limit:
+            raise _HTTPError(413, f"body of {declared} bytes exceeds the {limit}-byte limit", CLOSE)
+        if (declared is None or declared > 64 * 1024) and batcher.pending >= batcher.max_queue:
+            raise _HTTPError(503, "server busy: the inference queue is full; retry shortly", {"Retry-After": "1", **CLOSE})
+        if declared is not None:
+            reserve_body(request, declared)
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cfg.max_body_bytes:
-                raise _HTTPError(413, f"body exceeds the {cfg.max_body_bytes}-byte limit")
-            chunks.append(chunk)
+
+        async def receive() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _HTTPError(413, f"body exceeds the {limit}-byte limit", CLOSE)
+                if declared is None:
+                    reserve_body(request, len(chunk))
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(receive(), cfg.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise _HTTPError(408, f"the body did not arrive within {cfg.body_timeout_s} s", CLOSE)
         return b"".join(chunks)
 
     async def infer_admitted(n: int, prepare, payload) -> np.ndarray:
         """Admission before any decoding, decoding in the pool, batched inference within --timeout-s.
 
-        Raises _HTTPError: 503 with Retry-After when the queue is full, 400 for input that does not
-        decode, 504 past the timeout. /v1/predict and the v2 protocol both go through here.
+        Raises _HTTPError: 503 with Retry-After when the queue is full, 413 for an image whose header
+        declares more pixels than the cap, 400 for other input that does not decode, 504 when decoding
+        plus inference take longer than --timeout-s. /v1/predict and the v2 protocol both go through here.
         """
         try:
-            batcher.reserve(n)
+            await batcher.admit(n, cfg.admit_wait_s)
         except QueueFull:
             raise _HTTPError(503, "server busy: the inference queue is full; retry shortly", {"Retry-After": "1"})
         m["queue"].set(batcher.pending)
-        try:
-            loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+
+        async def decode_and_run() -> np.ndarray:
             try:
-                x = await loop.run_in_executor(decode_pool, prepare, payload)
+                large = isinstance(payload, list) and sum(len(b) for b in payload if isinstance(b, bytes)) > LARGE_PAYLOAD
+                x = await loop.run_in_executor(large_pool if large else decode_pool, prepare, payload)
             except EdgeconvError as exc:
-                raise _HTTPError(400, str(exc))
-            try:
-                return await asyncio.wait_for(batcher.submit(x), cfg.timeout_s)
-            except asyncio.TimeoutError:
-                raise _HTTPError(504, f"inference did not finish within {cfg.timeout_s} s")
+                raise _HTTPError(413 if isinstance(exc, _TOO_LARGE) else 400, str(exc))
+            except Exception as exc:  # a decoder failure nothing mapped (Pillow raises many types): still the input's fault
+                log.warning("input could not be decoded: %s: %s", type(exc).__name__, str(exc)[:200])
+                bomb = type(exc).__name__ == "DecompressionBombError"
+                raise _HTTPError(413 if bomb else 400, f"image could not be decoded: {type(exc).__name__}: {str(exc)[:200]}")
+            return await batcher.submit(x)
+
+        try:
+            return await asyncio.wait_for(decode_and_run(), cfg.timeout_s)
+        except asyncio.TimeoutError:
+            raise _HTTPError(504, f"decoding and inference did not finish within {cfg.timeout_s} s")
         finally:
             batcher.release(n)
 
@@ -214,7 +405,7 @@ def create_app(cfg: ServeConfig, model=None):
             ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype not in IMAGE_TYPES and ctype != "application/json":
                 return error(415, f"unsupported content type {ctype or '(none)'}; send image/jpeg, image/png, image/webp or application/json")
-            body = await read_body(request)
+            body = await read_body(request, cfg.max_json_bytes if ctype == "application/json" else None)
             top_k = cfg.top_k
             if ctype == "application/json":
                 blobs, top_k = _parse_json(body, top_k)
@@ -266,6 +457,7 @@ def create_app(cfg: ServeConfig, model=None):
         yield
         await batcher.stop()
         decode_pool.shutdown(wait=False)
+        large_pool.shutdown(wait=False)
 
     routes = [
         Route("/v1/predict", predict, methods=["POST"]),
@@ -278,7 +470,33 @@ def create_app(cfg: ServeConfig, model=None):
 
     routes += v2_routes(model=model, cfg=cfg, infer_admitted=infer_admitted, decode_pool=decode_pool, state=state, registry=registry,
                         read_body=read_body, ident=ident)
-    return Starlette(routes=routes, lifespan=lifespan)
+    responses = Counter("edgeconv_http_responses", "every HTTP response by status, whatever the path (5xx included)", ["status"],
+                        registry=registry)
+    _GuardedHttp.on_reject = lambda status: responses.labels(str(status)).inc()
+    app = Starlette(routes=routes, lifespan=lifespan)
+
+    async def counted(scope, receive, send):
+        """Counts the status of every response that goes out, and a 500 for an exception that escaped before one did."""
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        sent = {"status": None}
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                sent["status"] = message["status"]
+                responses.labels(str(message["status"])).inc()
+            await send(message)
+
+        try:
+            await app(scope, receive, send_counted)
+        except Exception:
+            if sent["status"] is None:
+                responses.labels("500").inc()
+            raise
+        finally:
+            inflight["bytes"] -= scope.get("edgeconv.body_bytes", 0)
+
+    return counted
 
 
 class _HTTPError(Exception):
@@ -291,7 +509,9 @@ def _parse_json(body: bytes, top_k: int) -> tuple:
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise _HTTPError(400, f"body is not valid JSON: {exc}")
+        raise _HTTPError(400, f"body is not valid JSON: {str(exc)[:200]}")
+    except RecursionError:
+        raise _HTTPError(400, "JSON body is nested too deeply")
     if not isinstance(doc, dict):
         raise _HTTPError(400, 'JSON body must be an object: {"image": "<base64>"} or {"images": ["<base64>", ...]}')
     items = doc.get("images", [doc["image"]] if "image" in doc else None)
@@ -326,7 +546,9 @@ def run_server(cfg: ServeConfig) -> None:
         raise EdgeconvError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}; choose another --port") from exc
     port = sock.getsockname()[1]
     print(f"serving {cfg.bundle} on http://{cfg.host}:{port} (max batch {cfg.max_batch}, max delay {cfg.max_delay_ms} ms)", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30, backlog=2048))
+    protocol = _guarded_protocol(cfg)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30, backlog=2048,
+                                           http=protocol or "h11", h11_max_incomplete_event_size=cfg.max_header_bytes))
     # uvicorn drains requests in flight on SIGTERM, then re-raises the signal to the handler it
     # found: make that a no-op so a graceful stop exits 0 instead of dying by the signal.
     import signal

@@ -142,6 +142,8 @@ class Protocol:
             doc = json.loads(head)
         except (ValueError, UnicodeDecodeError) as exc:
             raise V2Error(400, f"request is not valid JSON: {str(exc)[:120]}")
+        except RecursionError:
+            raise V2Error(400, "request JSON is nested too deeply")
         if not isinstance(doc, dict):
             raise V2Error(400, 'request must be a JSON object {"inputs": [...]}')
         return doc
