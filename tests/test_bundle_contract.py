@@ -104,6 +104,8 @@ def test_verify_fails_on_a_drift_only_the_fp32_tolerance_catches(mnist_bundle, t
     out = np.load(b / "reference" / "outputs.npy")
     assert Model.load(b).verify()["ok"]
     np.save(b / "reference" / "outputs.npy", out + 3e-3)  # a constant shift: same argmax, cosine ~1
+    digest = hashlib.sha256((b / "reference" / "outputs.npy").read_bytes()).hexdigest()
+    edit_manifest(b, lambda m: m["files"].update({"reference/outputs.npy": digest}))  # a consistent bundle that drifts
     r = Model.load(b).verify()
     assert not r["ok"] and r["top1_agreement"] == 1.0 and r["cosine_min"] > TOLERANCES["fp32"]["cosine_min"]
     assert any(p.startswith("max abs diff") for p in r["problems"])

@@ -7,6 +7,7 @@ copy so the shared bundle stays as exported. ``make gpu-check`` runs them with `
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -138,6 +139,7 @@ def test_engine_for_another_gpu_is_refused_with_both_named(mnist_bundle, tmp_pat
     for a in manifest["artifacts"]:
         if a["format"] == "tensorrt" and a["precision"] == "fp32" and "gpu_name" in (a.get("details") or {}):
             a["details"].update(forged)
+    manifest["files"][sidecar.name] = hashlib.sha256(sidecar.read_bytes()).hexdigest()  # else its sha256 refuses it first
     (bundle / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
 
     with pytest.raises(EdgeconvError) as exc:  # BackendUnavailable is one
@@ -172,6 +174,9 @@ def test_an_engine_that_fails_its_gate_leaves_the_bundle_as_it_was(mnist_bundle,
     bundle = _copy(mnist_bundle, tmp_path)
     ref = bundle / "reference" / "outputs.npy"
     np.save(ref, np.load(ref) + 1.0)  # the same change for every class: top-1 holds, max|diff| = 1.0
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    manifest["files"]["reference/outputs.npy"] = hashlib.sha256(ref.read_bytes()).hexdigest()  # consistent, so the gate decides
+    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     digest = lambda: {str(p.relative_to(bundle)): hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
                       for p in sorted(bundle.rglob("*")) if p.is_file() and ".trt_cache" not in p.parts}
     before = digest()

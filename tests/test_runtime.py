@@ -102,11 +102,21 @@ def test_verify_passes_on_every_precision(mnist_bundle, precision):
         assert r["max_abs_diff"] < 1e-4
 
 
+def rehash(bundle, rel):
+    """Record an edited file's new sha256 in the manifest's files map, as a re-export would."""
+    from edgeconv_runtime.fileio import sha256_file
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["files"][rel] = sha256_file(bundle / rel)
+    (bundle / "manifest.json").write_text(json.dumps(m))
+
+
 def test_verify_catches_wrong_outputs_and_preprocessing_drift(mnist_bundle, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(mnist_bundle, bad)
     out = np.load(bad / "reference" / "outputs.npy")
     np.save(bad / "reference" / "outputs.npy", out[:, ::-1].copy())  # as if the classes were reordered
+    rehash(bad, "reference/outputs.npy")  # a consistent bundle (else its files map refuses the edited file)
     with pytest.raises(SystemExit) as e:
         runtime_main(["verify", str(bad)])
     assert e.value.code == 1
@@ -115,6 +125,7 @@ def test_verify_catches_wrong_outputs_and_preprocessing_drift(mnist_bundle, tmp_
     shutil.copytree(mnist_bundle, drift)
     img = drift / "reference" / "images" / "000.png"
     Image.open(img).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(img)
+    rehash(drift, "reference/images/000.png")
     r = Model.load(drift).verify()
     assert not r["ok"] and any("preprocessing differs" in p for p in r["problems"])
 

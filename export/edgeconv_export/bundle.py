@@ -153,6 +153,31 @@ def _write_reference_images(folder: Path, inp: ExportInputs, k: int) -> list:
     return names
 
 
+def _external_data(path: Path) -> list:
+    """Files an ONNX graph keeps its tensors in (ONNX Runtime reads them beside it), relative to its folder."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = []
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            if loc and loc not in names:
+                names.append(loc)
+    return names
+
+
+def covered_files(root: Path, manifest: Manifest) -> dict:
+    """sha256 of every file in the bundle the runtime may read that is not an artifact (those carry their own)."""
+    skip = {a.file for a in manifest.artifacts} | {"manifest.json"}
+    files = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and not p.is_symlink() and rel not in skip:
+            files[rel] = sha256_file(p)
+    return files
+
+
 def export_bundle(inp: ExportInputs, out: str | Path, opts: ExportOptions) -> Manifest:
     """Export, check parity of every artifact on real images, and write the bundle atomically."""
     opts.validate()
@@ -229,6 +254,9 @@ def export_bundle(inp: ExportInputs, out: str | Path, opts: ExportOptions) -> Ma
                 fp32_accuracy = report["accuracy"]
             _gate(prec, report, fp32_accuracy, opts.max_accuracy_drop)
             details = dict(onnx_details) if prec == "fp32" else {"opset": opts.opset, "nodes": onnx_io.node_count(path)}
+            external = _external_data(path)
+            if external:  # covered by the manifest's files map, checked by the runtime with the graph
+                details["external_data"] = external
             artifacts.append(Artifact(path.name, "onnx", prec, sha256_file(path), path.stat().st_size, report, details,
                                       variant=variant, purpose=purposes.get((prec, variant), "")))
 
@@ -260,6 +288,7 @@ def export_bundle(inp: ExportInputs, out: str | Path, opts: ExportOptions) -> Ma
             calibration=calibration,
             export_seconds=round(time.perf_counter() - t0, 3),
         )
+        manifest.files = covered_files(tmp, manifest)
         write_manifest(tmp, manifest)
         if "tensorrt" in opts.formats:
             # the runtime's own builder (the one `edgeconv-runtime build-engine` runs on a device), on the finished

@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 
 from .errors import EdgeconvError
 from .fileio import sha256_file
-from .manifest import ENGINE_SUFFIXES, MANIFEST_NAME, Artifact, Manifest, read_manifest, resolve_inside
+from .manifest import ENGINE_SUFFIXES, MANIFEST_NAME, Artifact, Manifest, hash_mismatch, read_manifest, resolve_inside
 from .preprocess import Preprocess
 
 __all__ = ["ENGINE_SUFFIXES", "MANIFEST_NAME", "Bundle", "bundle_from_onnx_metadata", "read_bundle"]
@@ -20,14 +20,36 @@ class Bundle:
     manifest: Manifest
     preprocess: Preprocess
     classes: List[str]
+    check_hash: bool = True  # False (Model.load(check_hash=False)): files are read without comparing their sha256
 
     @property
     def name(self) -> str:
         return self.manifest.name
 
-    def path(self, rel: str) -> Path:
-        """A file the manifest names, refused when it points outside the bundle."""
-        return resolve_inside(self.root, rel, f"{MANIFEST_NAME} in {self.root}")
+    def path(self, rel: str, check_hash: bool = True) -> Path:
+        """A file the manifest names, refused when it points outside the bundle or differs from its sha256.
+
+        Every file the manifest's ``files`` map lists is hashed before it is handed out (once per file
+        version: a changed size or mtime hashes it again); a bundle without the map is read unchecked.
+        """
+        path = resolve_inside(self.root, rel, f"{MANIFEST_NAME} in {self.root}")
+        expected = (self.manifest.files or {}).get(rel) if check_hash and self.check_hash else None
+        if expected is not None:
+            self.check_file(rel, path, expected)
+        return path
+
+    def check_file(self, rel: str, path: Path, expected: str) -> None:
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise EdgeconvError(f"bundle {self.root} is missing {rel} listed in its manifest; copy the whole bundle directory") from exc
+        stamp = (rel, st.st_size, st.st_mtime_ns, st.st_ino)
+        verified = self.__dict__.setdefault("_verified", set())
+        if stamp in verified:
+            return
+        if sha256_file(path) != expected:
+            raise hash_mismatch(rel, self.root)
+        verified.add(stamp)
 
     def artifact(self, fmt: str, precision: str, check_hash: bool = True, variant: Optional[str] = None) -> Tuple[Path, Artifact]:
         """(path, record) of the artifact of ``fmt``/``precision``/``variant``; refuses a missing or altered file.
@@ -46,7 +68,12 @@ class Bundle:
         if not path.is_file():
             raise EdgeconvError(f"bundle {self.root} is missing {a.file} listed in its manifest; copy the whole bundle directory")
         if check_hash and sha256_file(path) != a.sha256:
-            raise EdgeconvError(f"{a.file} in {self.root} does not match its sha256 in manifest.json (corrupted or altered); copy the bundle again")
+            raise hash_mismatch(a.file, self.root)
+        if check_hash:
+            for rel in a.details.get("external_data") or []:  # ONNX Runtime reads these beside the graph
+                if not isinstance(rel, str) or rel not in (self.manifest.files or {}):
+                    raise EdgeconvError(f"{a.file} in {self.root} has external data {rel!r} that manifest.json gives no sha256 for; re-export the bundle")
+                self.path(rel)
         return path, a
 
     def has(self, fmt: str, precision: str, variant: Optional[str] = None) -> bool:
@@ -56,7 +83,12 @@ class Bundle:
 def read_bundle(root) -> Bundle:
     root = Path(root)
     manifest = read_manifest(root)
-    return Bundle(root, manifest, Preprocess.from_dict(manifest.preprocess), list(manifest.classes))
+    try:
+        pre = Preprocess.from_dict(manifest.preprocess)
+    except (TypeError, ValueError, KeyError) as exc:  # a mistyped number or list in the preprocess record
+        detail = " ".join(str(exc).split())[:160]
+        raise EdgeconvError(f"{root / MANIFEST_NAME} has an invalid 'preprocess' record ({type(exc).__name__}: {detail}); re-export the bundle") from exc
+    return Bundle(root, manifest, pre, list(manifest.classes))
 
 
 def bundle_from_onnx_metadata(path: Path, metadata: dict) -> Bundle:

@@ -261,6 +261,11 @@ def build_engines(bundle_dir, opts: EngineOptions, quiet: bool = False) -> List[
         manifest: Manifest = bundle.manifest
         for a in built:
             manifest = manifest.with_artifact(a)
+        files = dict(manifest.files or {})  # the sidecars: the TensorRT backend reads them, so the manifest covers them
+        for a in built:
+            side = (staging / a.file).with_suffix(".json")
+            files[side.name] = sha256_file(side)
+        manifest.files = files
         for a in built:  # every gate passed: move the engines in, then switch the manifest in one rename
             os.replace(staging / a.file, root / a.file)
             os.replace((staging / a.file).with_suffix(".json"), (root / a.file).with_suffix(".json"))

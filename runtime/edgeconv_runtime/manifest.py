@@ -37,6 +37,15 @@ REFERENCE_DIR = "reference"
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def hash_mismatch(rel: str, root: Any) -> EdgeconvError:
+    """The one error for a file whose bytes differ from the sha256 the manifest records."""
+    return EdgeconvError(f"{rel} in {root} does not match its sha256 in manifest.json (corrupted or altered); copy the bundle again")
+
+
 def _type_name(t: Any) -> str:
     return t.__name__ if isinstance(t, type) else " or ".join(x.__name__ for x in t)
 
@@ -109,7 +118,7 @@ class Artifact:
             raise EdgeconvError(f"{where} has precision {a.precision!r}; use one of {', '.join(PRECISIONS)}")
         if a.variant not in VARIANTS:
             raise EdgeconvError(f"{where} has variant {a.variant!r}; this runtime knows {', '.join(VARIANTS)} (upgrade edgeconv-runtime)")
-        if len(a.sha256) != 64 or any(c not in "0123456789abcdef" for c in a.sha256):
+        if not is_sha256(a.sha256):
             raise EdgeconvError(f"{where} sha256 {a.sha256[:20]!r} is not a hex sha256 digest; re-export the bundle")
         return a
 
@@ -137,6 +146,9 @@ class Manifest:
     calibration: Optional[dict] = None
     export_seconds: Optional[float] = None
     triton: Optional[dict] = None
+    # {relative path: sha256} of every other file the runtime reads (reference tensors and images, engine sidecars,
+    # ONNX external data). Absent in bundles written before it existed: their files are then read unchecked.
+    files: Optional[dict] = None
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
 
@@ -164,6 +176,12 @@ class Manifest:
                     check_relative_path(_need(reference, key, str, f"{where} reference"), f"{where} reference.{key}")
             for i, img in enumerate(_need(reference, "images", list, f"{where} reference", required=False, default=[])):
                 check_relative_path(img, f"{where} reference.images[{i}]")
+        files = _need(d, "files", dict, where, required=False)
+        if files is not None:
+            for rel, digest in files.items():
+                check_relative_path(rel, f"{where} files")
+                if not is_sha256(digest):
+                    raise EdgeconvError(f"{where} files[{rel!r}] is not a hex sha256 digest; re-export the bundle")
         known = {f.name for f in fields(cls)}
         m = cls(
             name=_need(d, "name", str, where),
@@ -180,6 +198,7 @@ class Manifest:
             calibration=_need(d, "calibration", dict, where, required=False),
             export_seconds=_need(d, "export_seconds", float, where, required=False),
             triton=_need(d, "triton", dict, where, required=False),
+            files=files,
             version=version,
         )
         m.extra = {k: v for k, v in d.items() if k not in known}  # fields a newer minor writer added: kept on rewrite
@@ -242,6 +261,6 @@ def write_manifest(root: PathLike, manifest: Manifest) -> None:
 
 __all__ = [
     "Artifact", "ENGINE_FILES", "ENGINE_SUFFIXES", "FORMATS", "INT8_TENSORRT_ONNX", "MANIFEST_FORMAT", "MANIFEST_NAME",
-    "MANIFEST_VERSION", "Manifest", "ONNX_FILES", "PRECISIONS", "RUNTIME_PRECISIONS", "REFERENCE_DIR", "VARIANTS", "check_relative_path",
+    "MANIFEST_VERSION", "Manifest", "hash_mismatch", "is_sha256", "ONNX_FILES", "PRECISIONS", "RUNTIME_PRECISIONS", "REFERENCE_DIR", "VARIANTS", "check_relative_path",
     "read_manifest", "resolve_inside", "write_manifest",
 ]

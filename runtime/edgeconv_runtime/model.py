@@ -75,6 +75,42 @@ def _missing_artifact(bundle: Bundle, backend: str, fmt: str, precision: str) ->
     return None
 
 
+def _graph_shapes(backend) -> Optional[tuple]:
+    """(input shape, output shape) of the loaded graph, ints where static; None for a backend that does not tell."""
+    session = getattr(backend, "session", None)
+    if session is not None and hasattr(session, "get_inputs"):  # ONNX Runtime
+        return list(session.get_inputs()[0].shape), list(session.get_outputs()[0].shape)
+    compiled = getattr(backend, "compiled", None)
+    if compiled is not None and hasattr(compiled, "input"):  # OpenVINO: Dimension objects, static or dynamic
+
+        def dims(port) -> list:
+            return [d.get_length() if d.is_static else "?" for d in port.get_partial_shape()]
+
+        return dims(compiled.input(0)), dims(compiled.output(0))
+    return None  # a TensorRT engine: built from the bundle's own graph and gated against its reference outputs
+
+
+def graph_mismatch(bundle: Bundle, backend) -> Optional[str]:
+    """One line when the graph's input [N,C,H,W] or class count disagrees with the manifest, else None.
+
+    Read from the ONNX Runtime session or OpenVINO's compiled model (not from a TensorRT engine);
+    dimensions the graph leaves symbolic are not compared.
+    """
+    shapes = _graph_shapes(backend)
+    if shapes is None:
+        return None
+    got_in, got_out = shapes
+    want_in = tuple(bundle.preprocess.input_shape)
+    if len(got_in) != 4 or any(isinstance(g, int) and g != w for g, w in zip(got_in[1:], want_in)):
+        return (f"the model graph takes input {got_in} but manifest.json preprocess gives [N, {', '.join(map(str, want_in))}]; "
+                "the manifest does not belong to this model: re-export the bundle")
+    n = len(bundle.classes)
+    if len(got_out) != 2 or (isinstance(got_out[1], int) and got_out[1] != n):
+        return (f"the model graph outputs {got_out} but manifest.json lists {n} classes; "
+                "the manifest does not belong to this model: re-export the bundle")
+    return None
+
+
 def _is_single(images) -> bool:
     if isinstance(images, np.ndarray):
         return images.ndim in (2, 3)
@@ -115,6 +151,7 @@ class Model:
             raise EdgeconvError(f"unknown precision {precision!r}; use one of {', '.join(RUNTIME_PRECISIONS)}")
         if path.is_dir():
             bundle = read_bundle(path)
+            bundle.check_hash = check_hash
             precision = precision or "fp32"
             names = auto_order(precision) if backend == "auto" else (backend,)
             stored = ARTIFACT_PRECISION.get(precision, precision)  # the artifact's precision
@@ -162,6 +199,10 @@ class Model:
                         raise BackendUnavailable(f"backend {name} could not start: {reason}") from exc
                     skipped.append(f"{name}: {reason}")
                     continue
+                problem = graph_mismatch(bundle, be)
+                if problem:
+                    be.close()
+                    raise EdgeconvError(problem)
                 return cls(bundle, be, precision, artifact, time.perf_counter() - t0, info={"skipped": skipped})
             raise BackendUnavailable(f"no backend can run this bundle: {'; '.join(skipped)}")
         # a single file
@@ -179,6 +220,10 @@ class Model:
             bundle = read_bundle(path.parent)
         else:
             bundle = bundle_from_onnx_metadata(path, meta)
+        problem = graph_mismatch(bundle, be)
+        if problem:
+            be.close()
+            raise EdgeconvError(problem)
         return cls(bundle, be, precision, path, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ properties
@@ -255,13 +300,17 @@ class Model:
         from .preprocess import IMAGE_EXTENSIONS
 
         folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        unknown = [p.name for p in folders if p.name not in self.classes]
+        # a folder name that is not UTF-8 matches the label training gave it (its bytes as \xNN)
+        import os
+
+        label = lambda p: os.fsencode(p.name).decode("utf-8", "backslashreplace")  # noqa: E731
+        unknown = [label(p) for p in folders if label(p) not in self.classes]
         if unknown or not folders:
-            raise EdgeconvError(f"{image_dir} needs sub-folders named after the model's classes {self.classes}; found {[p.name for p in folders]}")
+            raise EdgeconvError(f"{image_dir} needs sub-folders named after the model's classes {self.classes}; found {[label(p) for p in folders]}")
         per_class, correct_total, n_total, skipped = {}, 0, 0, 0
         for folder in folders:
             files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-            target = self.classes.index(folder.name)
+            target = self.classes.index(label(folder))
             correct = n = 0
             for b in range(0, len(files), batch_size):
                 pixels = []
@@ -275,7 +324,7 @@ class Model:
                 logits = self.backend.infer(normalize(np.stack(pixels), self.preprocess))
                 correct += int((logits.argmax(1) == target).sum())
                 n += len(pixels)
-            per_class[folder.name] = {"accuracy": correct / n if n else None, "n": n}
+            per_class[label(folder)] = {"accuracy": correct / n if n else None, "n": n}
             correct_total += correct
             n_total += n
         if n_total == 0:

@@ -127,6 +127,20 @@ def engine_mismatch(sidecar: dict, trt_version: str, gpu: Optional[dict], engine
     return None
 
 
+def _check_sidecar_hash(sidecar_path: Path, raw: bytes) -> None:
+    """Refuse a sidecar whose bytes differ from the sha256 in the manifest of the bundle it sits in (when it lists one)."""
+    import hashlib
+
+    from ..manifest import MANIFEST_NAME, hash_mismatch, read_manifest
+
+    root = sidecar_path.parent
+    if not (root / MANIFEST_NAME).is_file():
+        return  # an engine outside a bundle: nothing to check against
+    expected = (read_manifest(root).files or {}).get(sidecar_path.name)
+    if expected is not None and hashlib.sha256(raw).hexdigest() != expected:
+        raise hash_mismatch(sidecar_path.name, root)
+
+
 def read_sidecar(engine_path: Path) -> dict:
     """The JSON written beside an engine by the builder; refused in one line when missing or unreadable."""
     engine_path = Path(engine_path)
@@ -134,7 +148,9 @@ def read_sidecar(engine_path: Path) -> dict:
     if not sidecar_path.is_file():
         raise BackendUnavailable(f"{engine_path.name} has no sidecar {sidecar_path.name} saying where it was built; {REBUILD}")
     try:
-        side = json.loads(sidecar_path.read_text(encoding="utf-8"))
+        raw = sidecar_path.read_bytes()
+        _check_sidecar_hash(sidecar_path, raw)
+        side = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError) as exc:
         raise BackendUnavailable(f"{sidecar_path.name} beside {engine_path.name} is not readable JSON ({_first_line(exc)[:120]}); {REBUILD}") from exc
     if not isinstance(side, dict):
