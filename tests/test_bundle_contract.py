@@ -15,21 +15,11 @@ from edgeconv_runtime import EdgeconvError, Model
 from edgeconv_runtime.manifest import (INT8_TENSORRT_ONNX, MANIFEST_VERSION, Artifact, Manifest, read_manifest,
                                        resolve_inside)
 from edgeconv_runtime.parity import TOLERANCES, parity_report, tolerance_problems
+from bundle_helpers import copy_bundle, edit_manifest
 
 
 def tree_digest(root: Path) -> dict:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def copy_bundle(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def edit_manifest(bundle: Path, fn) -> None:
-    m = json.loads((bundle / "manifest.json").read_text())
-    fn(m)
-    (bundle / "manifest.json").write_text(json.dumps(m))
 
 
 # ---------------------------------------------------------------------------------------------- manifest

@@ -1,6 +1,5 @@
 """Bundle trust: every file the runtime reads is covered by a sha256 in the manifest; the graph must fit the manifest."""
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,17 +8,7 @@ from edgeconv_runtime import EdgeconvError, Model
 from edgeconv_runtime.backends.trt import read_sidecar
 from edgeconv_runtime.bundle import read_bundle
 from edgeconv_runtime.fileio import sha256_file
-
-
-def copy_bundle(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def edit_manifest(bundle: Path, fn) -> None:
-    m = json.loads((bundle / "manifest.json").read_text())
-    fn(m)
-    (bundle / "manifest.json").write_text(json.dumps(m))
+from bundle_helpers import copy_bundle, edit_manifest
 
 
 def flip_byte(path: Path, at: int = -1) -> None:
