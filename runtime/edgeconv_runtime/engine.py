@@ -26,7 +26,8 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from .errors import BackendUnavailable, EdgeconvError
+from .backends.ort import DEFAULT_BATCH_PROFILE, check_batch_profile
+from .errors import BackendUnavailable, EdgeconvError, first_line
 from .fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from .manifest import ENGINE_FILES, PRECISIONS, Artifact, Manifest, write_manifest
 
@@ -45,30 +46,20 @@ def require_tensorrt():
     except ImportError as exc:
         raise BackendUnavailable(f"the tensorrt package is not installed; {INSTALL_HINT}") from exc
     except Exception as exc:  # a broken CUDA/TensorRT install raises OSError/RuntimeError at import
-        raise BackendUnavailable(f"tensorrt is installed but cannot load ({_first_line(exc)}); reinstall TensorRT for this CUDA version") from exc
+        raise BackendUnavailable(f"tensorrt is installed but cannot load ({first_line(exc)}); reinstall TensorRT for this CUDA version") from exc
     return trt
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
 
 
 def parse_batch(spec: str) -> Tuple[int, int, int]:
     """'1,8,32' -> (1, 8, 32): the optimization profile's min, opt and max batch."""
-    try:
-        vals = tuple(int(v) for v in str(spec).split(","))
-    except ValueError:
-        vals = ()
-    if len(vals) != 3 or not 1 <= vals[0] <= vals[1] <= vals[2]:
-        raise EdgeconvError(f"--batch takes MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {spec!r}; e.g. --batch 1,8,32")
-    return vals  # type: ignore[return-value]
+    return check_batch_profile(spec)
 
 
 @dataclass(frozen=True)
 class EngineOptions:
     precisions: Tuple[str, ...] = ("fp32",)
-    batch: Tuple[int, int, int] = (1, 8, 32)
+    batch: Tuple[int, int, int] = DEFAULT_BATCH_PROFILE
     workspace_mb: int = 2048
     timing_cache: Optional[str] = None
     dla_core: Optional[int] = None
@@ -78,8 +69,7 @@ class EngineOptions:
         bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad or not self.precisions:
             raise EdgeconvError(f"unknown precision {bad[0] if bad else ''!r}; use a comma list of {', '.join(PRECISIONS)}")
-        if not 1 <= self.batch[0] <= self.batch[1] <= self.batch[2]:
-            raise EdgeconvError(f"--batch takes MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {self.batch}")
+        check_batch_profile(self.batch)
         if self.workspace_mb < 16:
             raise EdgeconvError(f"--workspace-mb {self.workspace_mb} is too small; give at least 16 (default 2048)")
         if self.dla_core is not None and self.dla_core < 0:
@@ -99,7 +89,7 @@ def build_serialized(trt, onnx_path: Path, precision: str, input_name: str, inpu
     try:
         builder = trt.Builder(logger)
     except Exception as exc:  # e.g. "CUDA initialization failure": driver older than the TensorRT build needs
-        raise BackendUnavailable(f"TensorRT cannot start a builder on this GPU ({_first_line(exc)}); "
+        raise BackendUnavailable(f"TensorRT cannot start a builder on this GPU ({first_line(exc)}); "
                                  "update the NVIDIA driver or install a TensorRT built for this CUDA version") from exc
     if builder is None:
         raise BackendUnavailable("TensorRT cannot start a builder on this GPU; update the NVIDIA driver or reinstall TensorRT")
@@ -162,7 +152,7 @@ def _attach_timing_cache(trt, config, path: Path) -> str:
         cache = config.create_timing_cache(blob)
     except Exception as exc:
         cache = None
-        reason = _first_line(exc)
+        reason = first_line(exc)
     else:
         reason = "unreadable"
     if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):

@@ -19,3 +19,10 @@ class ImageTooLarge(EdgeconvError):
 
 class UnsupportedImage(EdgeconvError):
     """An image in a format the decoder does not accept (only JPEG, PNG, WebP, BMP)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), at most 200 characters,
+    for one-line errors that quote a library's own complaint."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]

@@ -10,7 +10,7 @@ import numpy as np
 
 from .backends import auto_order, available_backends, create_backend, precision_problem
 from .bundle import ENGINE_SUFFIXES, Bundle, bundle_from_onnx_metadata, read_bundle
-from .errors import BackendUnavailable, EdgeconvError
+from .errors import BackendUnavailable, EdgeconvError, first_line
 from .manifest import MANIFEST_NAME, PRECISIONS, RUNTIME_PRECISIONS
 from .parity import PREPROCESS_MAX_ABS_DIFF, device_tolerance, parity_report, tolerance_problems
 from .preprocess import IMAGE_SOURCE_TYPES, load_pixels, normalize, preprocess_images
@@ -51,10 +51,6 @@ def _precision_of(path: Path) -> str:
     parts = path.name.lower().split(".")
     return next((p for p in parts if p in PRECISIONS), "fp32")
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:200]
 
 
 def _artifact_kind(backend: str) -> tuple:
@@ -194,7 +190,7 @@ class Model:
                 except (OSError, RuntimeError, ImportError) as exc:  # a broken GPU install
                     if name == "onnxruntime-cpu":
                         raise
-                    reason = f"{type(exc).__name__}: {_first_line(exc)}"
+                    reason = f"{type(exc).__name__}: {first_line(exc)}"
                     if backend != "auto":
                         raise BackendUnavailable(f"backend {name} could not start: {reason}") from exc
                     skipped.append(f"{name}: {reason}")

@@ -10,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import BackendUnavailable, EdgeconvError
+from ..errors import BackendUnavailable, EdgeconvError, first_line
 from ..fileio import sha256_file
 from .. import ortbuild
 from ..gpu import gpu_info
@@ -65,15 +65,12 @@ _UNKNOWN_OPTION = re.compile(r"(?:Invalid TensorRT EP option|Unknown provider op
 _PRELOAD = {"done": False, "error": None}
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:200]
-
 
 def check_batch_profile(batch) -> tuple:
-    """(min, opt, max) batch sizes, 1 <= min <= opt <= max, or one line saying what is wrong."""
+    """(min, opt, max) batch sizes from three numbers or a 'MIN,OPT,MAX' string, 1 <= min <= opt <= max, or one
+    line saying what is wrong. The TensorRT provider's profile and `build-engine --batch` both go through here."""
     try:
-        b = tuple(int(v) for v in batch)
+        b = tuple(int(v) for v in (batch.split(",") if isinstance(batch, str) else batch))
     except (TypeError, ValueError):
         b = ()
     if len(b) != 3 or not 1 <= b[0] <= b[1] <= b[2]:
@@ -177,7 +174,7 @@ def preload_cuda_libraries(ort) -> Optional[str]:
                 with contextlib.redirect_stdout(sys.stderr):  # it prints its diagnostics; stdout may carry --json output
                     ort.preload_dlls()
             except Exception as exc:  # no wheel to preload from, or a directory it cannot find
-                _PRELOAD["error"] = f"{type(exc).__name__}: {_first_line(exc)}"
+                _PRELOAD["error"] = f"{type(exc).__name__}: {first_line(exc)}"
     return _PRELOAD["error"]
 
 
@@ -198,7 +195,7 @@ def onnx_input(path) -> tuple:
     try:
         inp = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).get_inputs()[0]
     except Exception as exc:
-        raise EdgeconvError(f"onnxruntime cannot read {os.path.basename(str(path))}: {_first_line(exc)}; re-export the bundle") from exc
+        raise EdgeconvError(f"onnxruntime cannot read {os.path.basename(str(path))}: {first_line(exc)}; re-export the bundle") from exc
     return inp.name, tuple(inp.shape[1:])
 
 
@@ -281,8 +278,8 @@ class OrtBackend(Backend):
                     self.dropped_options.append(unknown.group(1))  # an older onnxruntime: run without that option, say so
                     continue
                 if self.provider == "CPUExecutionProvider":
-                    raise EdgeconvError(f"onnxruntime cannot load {name}: {_first_line(exc)}; re-export the bundle") from exc
-                raise BackendUnavailable(f"{self.provider} could not start with {name}: {_first_line(exc)}") from exc
+                    raise EdgeconvError(f"onnxruntime cannot load {name}: {first_line(exc)}; re-export the bundle") from exc
+                raise BackendUnavailable(f"{self.provider} could not start with {name}: {first_line(exc)}") from exc
         raise BackendUnavailable(f"{self.provider} refused the options {', '.join(self.dropped_options)}; upgrade onnxruntime-gpu")
 
     def _fallback_message(self, ort, preload_error: Optional[str]) -> str:

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import BackendUnavailable, EdgeconvError
+from ..errors import BackendUnavailable, EdgeconvError, first_line
 from ..gpu import gpu_info
 from .base import Backend
 
@@ -27,10 +27,6 @@ _CUDA_HINTS = {
 }
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:200]
-
 
 def _import_tensorrt() -> tuple:
     """(tensorrt module, None), or (None, why it cannot be used)."""
@@ -39,9 +35,9 @@ def _import_tensorrt() -> tuple:
     except ImportError as exc:
         if getattr(exc, "name", None) == "tensorrt":
             return None, f"the tensorrt package is not installed ({HINT})"
-        return None, f"the tensorrt package is installed but cannot load ({type(exc).__name__}: {_first_line(exc)}); reinstall TensorRT for this CUDA version"
+        return None, f"the tensorrt package is installed but cannot load ({type(exc).__name__}: {first_line(exc)}); reinstall TensorRT for this CUDA version"
     except Exception as exc:  # libnvinfer or libcudart missing or mismatched: OSError, RuntimeError, ...
-        return None, f"the tensorrt package is installed but cannot load ({type(exc).__name__}: {_first_line(exc)}); reinstall TensorRT for this CUDA version"
+        return None, f"the tensorrt package is installed but cannot load ({type(exc).__name__}: {first_line(exc)}); reinstall TensorRT for this CUDA version"
     return tensorrt, None
 
 
@@ -54,7 +50,7 @@ def _import_cudart() -> tuple:
     except ImportError:
         pass
     except Exception as exc:
-        return None, f"cuda-python is installed but cannot load ({type(exc).__name__}: {_first_line(exc)}); reinstall it for this CUDA version"
+        return None, f"cuda-python is installed but cannot load ({type(exc).__name__}: {first_line(exc)}); reinstall it for this CUDA version"
     try:
         from cuda import cudart  # older cuda-python
 
@@ -62,7 +58,7 @@ def _import_cudart() -> tuple:
     except ImportError:
         return None, f"cuda-python is not installed ({HINT})"
     except Exception as exc:
-        return None, f"cuda-python is installed but cannot load ({type(exc).__name__}: {_first_line(exc)}); reinstall it for this CUDA version"
+        return None, f"cuda-python is installed but cannot load ({type(exc).__name__}: {first_line(exc)}); reinstall it for this CUDA version"
 
 
 def tensorrt_status() -> tuple:
@@ -152,7 +148,7 @@ def read_sidecar(engine_path: Path) -> dict:
         _check_sidecar_hash(sidecar_path, raw)
         side = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError) as exc:
-        raise BackendUnavailable(f"{sidecar_path.name} beside {engine_path.name} is not readable JSON ({_first_line(exc)[:120]}); {REBUILD}") from exc
+        raise BackendUnavailable(f"{sidecar_path.name} beside {engine_path.name} is not readable JSON ({first_line(exc)[:120]}); {REBUILD}") from exc
     if not isinstance(side, dict):
         raise BackendUnavailable(f"{sidecar_path.name} beside {engine_path.name} holds {type(side).__name__}, not an object; {REBUILD}")
     return side
