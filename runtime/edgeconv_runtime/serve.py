@@ -505,15 +505,24 @@ class _HTTPError(Exception):
         self.status, self.message, self.headers = status, message, headers
 
 
-def _parse_json(body: bytes, top_k: int) -> tuple:
+def json_object(body: bytes, what: str, shape: str) -> dict:
+    """The request's JSON object; 400 when it is not JSON, nests too deeply for the parser, or is not an object.
+
+    ``what`` names the body in messages ("body", "request"); ``shape`` shows the object expected. /v1 and /v2 share it.
+    """
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise _HTTPError(400, f"body is not valid JSON: {str(exc)[:200]}")
+        raise _HTTPError(400, f"{what} is not valid JSON: {str(exc)[:200]}")
     except RecursionError:
-        raise _HTTPError(400, "JSON body is nested too deeply")
+        raise _HTTPError(400, f"{what} JSON is nested too deeply")
     if not isinstance(doc, dict):
-        raise _HTTPError(400, 'JSON body must be an object: {"image": "<base64>"} or {"images": ["<base64>", ...]}')
+        raise _HTTPError(400, f"{what} must be a JSON object: {shape}")
+    return doc
+
+
+def _parse_json(body: bytes, top_k: int) -> tuple:
+    doc = json_object(body, "body", '{"image": "<base64>"} or {"images": ["<base64>", ...]}')
     items = doc.get("images", [doc["image"]] if "image" in doc else None)
     if not isinstance(items, list) or not items or not all(isinstance(s, str) for s in items):
         raise _HTTPError(400, 'JSON body needs "image": "<base64>" or "images": ["<base64>", ...]')

@@ -138,15 +138,9 @@ class Protocol:
 
     @staticmethod
     def parse_json(head: bytes) -> dict:
-        try:
-            doc = json.loads(head)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise V2Error(400, f"request is not valid JSON: {str(exc)[:120]}")
-        except RecursionError:
-            raise V2Error(400, "request JSON is nested too deeply")
-        if not isinstance(doc, dict):
-            raise V2Error(400, 'request must be a JSON object {"inputs": [...]}')
-        return doc
+        from .serve import json_object
+
+        return json_object(head, "request", '{"inputs": [...]}')
 
     def plan(self, doc: dict, binary: bytes) -> dict:
         """Check the request; returns what to run: the kind of input, its images or tensor, the outputs to answer."""
