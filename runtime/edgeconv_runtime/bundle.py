@@ -67,9 +67,8 @@ class Bundle:
         path = self.path(a.file)
         if not path.is_file():
             raise EdgeconvError(f"bundle {self.root} is missing {a.file} listed in its manifest; copy the whole bundle directory")
-        if check_hash and sha256_file(path) != a.sha256:
-            raise hash_mismatch(a.file, self.root)
         if check_hash:
+            self.check_file(a.file, path, a.sha256)
             for rel in a.details.get("external_data") or []:  # ONNX Runtime reads these beside the graph
                 if not isinstance(rel, str) or rel not in (self.manifest.files or {}):
                     raise EdgeconvError(f"{a.file} in {self.root} has external data {rel!r} that manifest.json gives no sha256 for; re-export the bundle")
