@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, table, write_json  # noqa: E402
-from serve_load import _read_response, cpu_seconds  # noqa: E402
+from serve_load import _read_response, cpu_seconds, roundtrip, rss_mb, start as start_server  # noqa: E402
 
 HOST = "127.0.0.1"
 
@@ -208,15 +208,9 @@ async def prober(port: int, png: bytes, stop: asyncio.Event, out: list) -> None:
     while not stop.is_set():
         t = time.perf_counter()
         try:
-            if conn is None:
-                conn = await asyncio.open_connection(HOST, port)
-            conn[1].write(req)
-            status, _, keep = await asyncio.wait_for(_read_response(conn[0]), 30)
+            conn, status, _ = await asyncio.wait_for(roundtrip(conn, HOST, port, req), 30)
             out.append((status, time.perf_counter() - t))
-            if not keep:
-                conn[1].close()
-                conn = None
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+        except (OSError, asyncio.IncompleteReadError, ValueError, asyncio.TimeoutError) as exc:
             out.append((type(exc).__name__, time.perf_counter() - t))
             conn = None
         await asyncio.sleep(0.1)
@@ -264,18 +258,12 @@ async def goodput_run(port: int, png: bytes, clients: int, seconds: float) -> di
         conn = None
         while time.perf_counter() < end:
             try:
-                if conn is None:
-                    conn = await asyncio.open_connection(HOST, port)
-                conn[1].write(req)
-                status, _, keep = await _read_response(conn[0])
+                conn, status, _ = await roundtrip(conn, HOST, port, req)
             except (OSError, asyncio.IncompleteReadError, ValueError):
                 errors += 1
                 conn = None
                 continue
             codes[status] = codes.get(status, 0) + 1
-            if not keep:
-                conn[1].close()
-                conn = None
         if conn:
             conn[1].close()
 
@@ -287,27 +275,9 @@ async def goodput_run(port: int, png: bytes, clients: int, seconds: float) -> di
 
 # ------------------------------------------------------------------ server and CLI
 def start(bundle: str, *args, log: Path) -> tuple:
-    import httpx
-
-    proc = subprocess.Popen([sys.executable, "-m", "edgeconv_runtime", "serve", bundle, "--port", "0", *args],
-                            stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
-    m = re.search(r"http://127\.0\.0\.1:(\d+)", proc.stdout.readline())
-    port = int(m.group(1))
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://{HOST}:{port}/readyz", timeout=2).status_code == 200:
-                return proc, port
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("server not ready")
-
-
-def vm(pid: int, key: str) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """(process, port) of a server whose stderr goes to ``log`` (read for tracebacks afterwards)."""
+    proc, url = start_server(bundle, *args, stderr=open(log, "w"))
+    return proc, int(url.rsplit(":", 1)[1])
 
 
 def cli_attack(bundle: str, tmp: Path) -> dict:
@@ -356,12 +326,12 @@ def main() -> None:
     proc, port = start(args.bundle, log=tmp / "server.err")
     try:
         name = httpx.get(f"http://{HOST}:{port}/v1/model").json()["serving"]["name"]
-        rss0 = vm(proc.pid, "VmRSS")
+        rss0 = rss_mb(proc.pid)
         rows, normal = asyncio.run(attack(port, name, args.quick))
         result["healthz_after"] = httpx.get(f"http://{HOST}:{port}/healthz").status_code
         result["metrics_5xx"] = {m.group(1): float(m.group(2)) for m in re.finditer(r'^edgeconv_http_responses_total\{status="(5\d\d)"\} (\S+)$',
                                                                                      httpx.get(f"http://{HOST}:{port}/metrics").text, re.M)}
-        result["server_rss_start_mb"], result["server_peak_rss_mb"] = rss0, vm(proc.pid, "VmHWM")
+        result["server_rss_start_mb"], result["server_peak_rss_mb"] = rss0, rss_mb(proc.pid, "VmHWM")
     finally:
         proc.terminate()
         proc.wait(timeout=60)

@@ -26,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED, table, write_json  # noqa: E402
 
 
-def start(bundle: str, *args) -> tuple:
+def start(bundle: str, *args, stderr=subprocess.PIPE) -> tuple:
+    """(process, url) of `edgeconv-runtime serve` on a free loopback port, once /readyz answers 200."""
     proc = subprocess.Popen([sys.executable, "-m", "edgeconv_runtime", "serve", bundle, "--port", "0", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)
     m = re.search(r"http://127\.0\.0\.1:(\d+)", proc.stdout.readline())
     url = f"http://127.0.0.1:{m.group(1)}"
     import httpx
@@ -80,9 +81,10 @@ def model_only(bundle: str, precision: str, max_batch: int) -> dict:
     return {"images_per_s": out, "batch_gain": max(out.values()) / out[1]}
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, key: str = "VmRSS") -> float:
+    """A memory figure of /proc/PID/status in MB: VmRSS now, VmHWM the peak."""
     for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS"):
+        if line.startswith(key):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -111,6 +113,27 @@ async def _read_response(reader) -> tuple:
     return status, body, headers.get("connection", "").lower() != "close"
 
 
+async def roundtrip(conn, host: str, port: int, request: bytes) -> tuple:
+    """Send one pre-built request on a keep-alive connection (opened when ``conn`` is None) and read the answer.
+
+    Returns (conn, status, body): ``conn`` is None again when the server closed the connection. A connection
+    error propagates with the connection closed, so the caller counts it and reconnects on the next request.
+    """
+    try:
+        if conn is None:
+            conn = await asyncio.open_connection(host, port)
+        conn[1].write(request)
+        status, body, keep = await _read_response(conn[0])
+    except (OSError, asyncio.IncompleteReadError, ValueError):
+        if conn:
+            conn[1].close()
+        raise
+    if not keep:
+        conn[1].close()
+        conn = None
+    return conn, status, body
+
+
 async def load(url: str, bodies: list, expected: list, requests: int, concurrency: int) -> dict:
     """`concurrency` keep-alive HTTP/1.1 clients on asyncio streams, sending pre-built requests.
 
@@ -132,15 +155,9 @@ async def load(url: str, bodies: list, expected: list, requests: int, concurrenc
             k = i % len(bodies)
             t = time.perf_counter()
             try:
-                if conn is None:
-                    conn = await asyncio.open_connection(host, port)
-                reader, writer = conn
-                writer.write(wire[k])
-                status, body, keep = await _read_response(reader)
+                conn, status, body = await roundtrip(conn, host, port, wire[k])
             except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
-                if conn:
-                    conn[1].close()
                 conn = None
                 continue
             lat.append(time.perf_counter() - t)
@@ -149,9 +166,6 @@ async def load(url: str, bodies: list, expected: list, requests: int, concurrenc
                 top = json.loads(body)["predictions"][0]["top"][0]
                 if top["label"] != expected[k][0] or abs(top["probability"] - expected[k][1]) > 1e-4:
                     mismatches += 1
-            if not keep:
-                conn[1].close()
-                conn = None
         if conn:
             conn[1].close()
 
