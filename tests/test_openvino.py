@@ -1,5 +1,4 @@
 """The openvino-cpu backend on real bundles: f32 exact, bf16 where the CPU has it, the Q/DQ INT8 graph, `auto`'s order."""
-import platform
 import subprocess
 import sys
 import threading
@@ -111,14 +110,13 @@ def test_missing_openvino_is_one_line_with_the_install_hint(mnist_bundle, monkey
 
 
 def test_auto_order_follows_the_measurement(mnist_bundle):
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    # int8: openvino-cpu measured faster on an AVX-512 x86 CPU; fp32: not consistently (benchmarks/results/backends.md)
-    m = Model.load(mnist_bundle, precision="int8")
-    assert m.backend_name == ("openvino-cpu" if x86 else "onnxruntime-cpu"), m.info
-    assert all(not s.startswith("onnxruntime-cpu") for s in m.info["skipped"])
-    for precision in ("fp32", "fp16"):
-        assert Model.load(mnist_bundle, precision=precision).backend_name == "onnxruntime-cpu", precision
-    assert Model.load(mnist_bundle, precision="bf16").backend_name == "openvino-cpu"
+    # openvino-cpu was not consistently faster for fp32 or int8 (benchmarks/results/backends.md); bf16 runs only there
+    for precision in ("fp32", "fp16", "int8"):
+        m = Model.load(mnist_bundle, precision=precision)
+        assert m.backend_name == "onnxruntime-cpu", (precision, m.info)
+    if bf16_status()[0]:  # a CPU with AVX-512 BF16 or AMX
+        m = Model.load(mnist_bundle, precision="bf16")
+        assert m.backend_name == "openvino-cpu" and all(not s.startswith("openvino-cpu") for s in m.info["skipped"])
 
 
 def test_probing_does_not_import_openvino(mnist_bundle):
@@ -128,3 +126,25 @@ def test_probing_does_not_import_openvino(mnist_bundle):
     out = subprocess.run([sys.executable, "-c", code, str(mnist_bundle)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "onnxruntime-cpu", "False"]
+
+
+@pytest.fixture(scope="module")
+def lite0_int8_bundle(tmp_path_factory, catsdogs_tiny):
+    """efficientnet_lite0, one epoch of fast feature extraction on real cats and dogs, exported FP32 + INT8."""
+    from edgeconv.exporting import ExportRequest, export_run
+    from edgeconv.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("runs") / "lite0"
+    train(TrainConfig(data=str(catsdogs_tiny), model="efficientnet_lite0", strategy="feature-extract", epochs=1, out=str(run), progress=False))
+    out = tmp_path_factory.mktemp("bundles") / "lite0"
+    export_run(ExportRequest(checkpoint=str(run), out=str(out), precisions=("fp32", "int8"), calib_size=64))
+    return out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_answers_do_not_depend_on_the_batch_an_image_runs_in(lite0_int8_bundle, precision):
+    """A server batches requests as they come: one image must get the same logits alone or in a batch."""
+    model = Model.load(lite0_int8_bundle, backend="openvino-cpu", precision=precision)
+    x = model.preprocess_images([lite0_int8_bundle / f for f in model.bundle.manifest.reference["images"]])
+    alone = np.concatenate([model.run(x[i : i + 1]) for i in range(len(x))])
+    assert np.array_equal(alone, model.run(x)), float(np.abs(alone - model.run(x)).max())

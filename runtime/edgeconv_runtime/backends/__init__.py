@@ -6,7 +6,6 @@ TensorRT Python API. GPU packages are imported only when a GPU backend is used.
 """
 from __future__ import annotations
 
-import platform
 from typing import Optional
 
 from ..errors import BackendUnavailable, EdgeconvError
@@ -25,14 +24,13 @@ BACKENDS = {
 }
 # fastest first: what `auto` tries, falling through to the next when one cannot start
 AUTO_ORDER = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
-# OpenVINO on the CPU: `auto` puts it before onnxruntime-cpu only for the precisions where it measured faster, on
-# x86-64 with AVX-512, one run each, same threads (benchmarks/results/backends.md, openvino_vs_ort_mnist.json):
-# - int8: efficientnet_lite0 2.06x ONNX Runtime INT8 at batch 1, 1.47x at 32; chollet_mnist 1.47x at 32 but
-#   0.78x at batch 1 (p50 0.067 vs 0.052 ms: fixed per-call overhead on a 0.05 ms model);
-# - fp32: lite0 1.53x at batch 1 but 1.01x at 32, chollet_mnist 0.62x / 0.92x: ONNX Runtime stays first;
-# - bf16 runs on nothing else; fp16 is ONNX Runtime's (openvino-cpu does not run it).
-# Not measured on aarch64: ONNX Runtime stays first there.
-OPENVINO_FIRST = ("bf16", "int8") if platform.machine().lower() in ("x86_64", "amd64") else ("bf16",)
+# OpenVINO on the CPU: `auto` puts it before onnxruntime-cpu only for the precisions where it measured faster
+# (x86-64 with AVX-512, 2 threads, one quiet run each: benchmarks/results/backends.md, openvino_vs_ort_mnist.json):
+# - bf16 runs on nothing else (efficientnet_lite0 1.68x ONNX Runtime FP32 at batch 1, 1.84x at 32);
+# - int8: lite0 1.04x ONNX Runtime INT8 at batch 1, 1.12x at 32, but chollet_mnist 0.52x at batch 1 (p50 0.080 vs
+#   0.042 ms) and 1.30x at 32: not consistently faster, so ONNX Runtime stays first;
+# - fp32: lite0 0.96x / 0.90x, chollet_mnist 0.63x / 0.80x; fp16 is ONNX Runtime's (openvino-cpu does not run it).
+OPENVINO_FIRST = ("bf16",)
 # precisions a backend runs when not the bundle's fp32/fp16/int8; bf16 = the FP32 graph in OpenVINO's bf16 mode
 BACKEND_PRECISIONS = {"openvino-cpu": ("fp32", "bf16", "int8")}
 RUNTIME_ONLY_PRECISIONS = tuple(p for p in RUNTIME_PRECISIONS if p not in PRECISIONS)

@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import BackendUnavailable, EdgeconvError
+from ..errors import BackendUnavailable, EdgeconvError, first_line
 from .base import Backend
 from .ort import default_threads
 
@@ -28,10 +28,6 @@ INSTALL_HINT = "OpenVINO is not installed; pip install 'edgeconv-runtime[openvin
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 _CORE = {}
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:200]
 
 
 def openvino_status() -> tuple:
@@ -49,7 +45,7 @@ def _core():
         try:
             import openvino
         except Exception as exc:  # a broken install raises more than ImportError
-            raise BackendUnavailable(f"OpenVINO cannot be imported ({type(exc).__name__}: {_first_line(exc)}); "
+            raise BackendUnavailable(f"OpenVINO cannot be imported ({type(exc).__name__}: {first_line(exc)}); "
                                      "pip install 'edgeconv-runtime[openvino]'") from exc
         _CORE["core"] = openvino.Core()
         _CORE["version"] = getattr(openvino, "__version__", "?").split("-")[0]
@@ -102,23 +98,18 @@ class OpenVinoBackend(Backend):
         config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "INFERENCE_NUM_THREADS": self.threads,
                   "PERFORMANCE_HINT": "LATENCY"}
         try:
-            model = core.read_model(self.path)
-            self.compiled = core.compile_model(model, "CPU", config)
-            # A batch-1 copy with static shapes beside the dynamic-batch one: OpenVINO's CPU plugin then skips shape
-            # inference on every call, and batch 1 (a camera frame, a request) ran ~15 % faster that way here.
-            one, dims = None, list(model.input(0).get_partial_shape())
-            if dims and dims[0].is_dynamic and all(d.is_static for d in dims[1:]):
-                model.reshape({0: [1] + [d.get_length() for d in dims[1:]]})
-                one = core.compile_model(model, "CPU", config)
+            # One compiled model for every batch size. A static batch-1 copy beside it ran batch 1 ~15 % faster, but
+            # OpenVINO picked other INT8 kernels for it: efficientnet_lite0's logits moved by up to 0.18 between batch 1
+            # and batch 8, so a server's answer to one image depended on what it was batched with.
+            self.compiled = core.compile_model(core.read_model(self.path), "CPU", config)
         except Exception as exc:  # OpenVINO raises RuntimeError for a file it cannot read or convert
-            raise EdgeconvError(f"OpenVINO cannot load {self.path.rsplit('/', 1)[-1]}: {_first_line(exc)}; re-export the bundle") from exc
+            raise EdgeconvError(f"OpenVINO cannot load {self.path.rsplit('/', 1)[-1]}: {first_line(exc)}; re-export the bundle") from exc
         got = self.compiled.get_property("INFERENCE_PRECISION_HINT")  # an openvino.Type; its name is "f32", "bf16"
         got = got.get_type_name() if hasattr(got, "get_type_name") else str(got)
         if got != PRECISION_HINTS[precision]:  # a plugin that ignores the hint would run another precision than asked
             raise BackendUnavailable(f"OpenVINO compiled the model for {got} instead of {PRECISION_HINTS[precision]}; "
                                      "use another precision or backend")
         self.request = self.compiled.create_infer_request()
-        self.request_one = one.create_infer_request() if one is not None else self.request
         self._lock = threading.Lock()  # an infer request runs one inference at a time; ONNX Runtime's run() is thread-safe
         self._closed = False
 
@@ -126,16 +117,15 @@ class OpenVinoBackend(Backend):
         with self._lock:
             if self._closed:
                 raise EdgeconvError("this model was closed; load it again (Model.load) to run it")
-            request = self.request_one if len(x) == 1 else self.request
-            request.infer({0: x}, share_inputs=True)
+            self.request.infer({0: x}, share_inputs=True)
             # the output tensor is the request's own buffer, rewritten by the next call: copy it out
-            return request.get_output_tensor(0).data.copy()
+            return self.request.get_output_tensor(0).data.copy()
 
     def close(self) -> None:
         """Release the compiled model; running the backend afterwards raises. Safe to call twice."""
         with self._lock:
             self._closed = True
-            self.request = self.request_one = None
+            self.request = None
             self.compiled = None
 
     def describe(self) -> dict:
