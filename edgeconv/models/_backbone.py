@@ -15,7 +15,22 @@ class TransferBackbone(nn.Module):
         return self.pooled(x)
 
     def forward(self, x):
-        return self._fc(self._dropout(self.forward_features(x)))
+        return self.forward_head(self.forward_features(x))
+
+    # the head/base interface training uses (timm's names): no caller reaches into private attributes
+    def get_classifier(self) -> nn.Module:
+        """The classifier layer: what feature extraction trains."""
+        return self._fc
+
+    def forward_head(self, features, classifier=None):
+        """Dropout then the classifier (or ``classifier``, e.g. the same layer wrapped for DDP) on pooled features."""
+        return (classifier or self._fc)(self._dropout(features))
+
+    def train_head(self) -> None:
+        """Training mode for the head only: the frozen base keeps its batch-norm statistics."""
+        self.eval()
+        self._dropout.train()
+        self._fc.train()
 
     def pooled_parameters(self) -> list:  # pragma: no cover - interface
         raise NotImplementedError
@@ -47,4 +62,4 @@ class _Suffix(nn.Module):
     def forward(self, x):
         for b in self.m._blocks[self.k :]:
             x = b(x)
-        return self.m._fc(self.m._dropout(self.m.pooled(x)))
+        return self.m.forward_head(self.m.pooled(x))
