@@ -13,6 +13,7 @@ from .bundle import ENGINE_SUFFIXES, Bundle, bundle_from_onnx_metadata, read_bun
 from .errors import BackendUnavailable, EdgeconvError, first_line
 from .manifest import MANIFEST_NAME, PRECISIONS, RUNTIME_PRECISIONS
 from .parity import PREPROCESS_MAX_ABS_DIFF, device_tolerance, parity_report, tolerance_problems
+from .prediction import Prediction
 from .preprocess import IMAGE_SOURCE_TYPES, load_pixels, normalize, preprocess_images
 
 # runtime precisions that run another precision's artifact: bf16 = the FP32 ONNX under OpenVINO's bf16 hint
@@ -25,26 +26,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
-
-
-@dataclass
-class Prediction:
-    """Top-k labels and probabilities for one image."""
-
-    labels: list
-    probabilities: list
-    indices: list
-    source: Optional[str] = None
-
-    @property
-    def label(self) -> str:
-        return self.labels[0]
-
-    def to_dict(self) -> dict:
-        d = {"top": [{"label": l, "index": int(i), "probability": float(p)} for l, i, p in zip(self.labels, self.indices, self.probabilities)]}
-        if self.source is not None:
-            d["source"] = self.source
-        return d
 
 
 def _precision_of(path: Path) -> str:

@@ -10,20 +10,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import collections
 import contextlib
-import json
 import logging
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-from . import errors as _errors
+from .admission import Admission, Batcher, HTTPError, json_object
 from .errors import EdgeconvError
+from .v2 import v2_routes
 
 log = logging.getLogger("edgeconv.serve")
 
@@ -52,14 +50,6 @@ class ServeConfig:
     max_json_bytes: int = 8 * 1024 * 1024  # JSON bodies (also capped by max_body_bytes)
     max_inflight_body_bytes: int = 64 * 1024 * 1024  # bodies being received or held by all requests together (503)
     admit_wait_s: float = 0.1  # a request that finds the queue full waits this long for a place (FIFO) before its 503
-
-
-class QueueFull(Exception):
-    pass
-
-
-LARGE_PAYLOAD = 1024 * 1024
-_TOO_LARGE = getattr(_errors, "ImageTooLarge", ())  # the decoder's "header declares more pixels than the cap": 413
 
 
 def _guarded_protocol(cfg: ServeConfig):
@@ -165,122 +155,6 @@ class _GuardedHttp:
             cls.on_reject(status)
 
 
-class Batcher:
-    """Gathers queued requests into batches for one inference thread."""
-
-    def __init__(self, model, max_batch: int, max_delay_s: float, max_queue: int, on_batch=None):
-        self.model = model
-        self.max_batch = max(1, max_batch)
-        self.max_delay_s = max_delay_s
-        self.max_queue = max_queue
-        self.pending = 0  # images admitted: decoding, queued or in inference
-        self.waiters: collections.deque = collections.deque()  # (images, future) waiting for places, oldest first
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeconv-infer")
-        self.on_batch = on_batch
-        self.task: Optional[asyncio.Task] = None
-
-    def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._loop())
-
-    async def stop(self) -> None:
-        if self.task:
-            self.task.cancel()
-        self.executor.shutdown(wait=True)
-
-    def reserve(self, n: int) -> None:
-        """Admission control: take ``n`` queue places before any decoding, or raise QueueFull.
-
-        Rejecting before the decode keeps an overloaded server's CPU for the requests it
-        accepted and its memory bounded by the queue, not by the number of connections.
-        """
-        if self.pending + n > self.max_queue:
-            raise QueueFull()
-        self.pending += n
-
-    async def admit(self, n: int, wait_s: float) -> None:
-        """Like reserve, but a request that finds the queue full waits up to ``wait_s`` for places, first come first
-        served, before QueueFull. The wait costs no CPU, so clients that retry at once on 503 are slowed to the pace
-        the server can serve instead of spinning the event loop with rejections (goodput stays near capacity)."""
-        if n > self.max_queue:
-            raise QueueFull()
-        if not self.waiters and self.pending + n <= self.max_queue:
-            self.pending += n
-            return
-        if wait_s <= 0:
-            raise QueueFull()
-        entry = (n, asyncio.get_running_loop().create_future())
-        self.waiters.append(entry)
-        try:
-            await asyncio.wait_for(asyncio.shield(entry[1]), wait_s)
-        except asyncio.TimeoutError:
-            if entry[1].done():  # granted at the last moment: keep it
-                return
-            self.waiters.remove(entry)
-            raise QueueFull()
-        except asyncio.CancelledError:
-            if entry[1].done():
-                self.release(n)
-            else:
-                self.waiters.remove(entry)
-            raise
-
-    def release(self, n: int) -> None:
-        self.pending -= n
-        while self.waiters and self.pending + self.waiters[0][0] <= self.max_queue:
-            k, fut = self.waiters.popleft()
-            if not fut.done():
-                self.pending += k
-                fut.set_result(True)
-
-    async def submit(self, x: np.ndarray) -> np.ndarray:
-        """Queue a reserved batch of images for inference; returns its logits."""
-        fut = asyncio.get_running_loop().create_future()
-        await self.queue.put((x, fut))
-        return await fut
-
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            x, fut = await self.queue.get()
-            items, count = [(x, fut)], len(x)
-            deadline = loop.time() + self.max_delay_s
-            while count < self.max_batch:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
-                try:
-                    nx, nf = await asyncio.wait_for(self.queue.get(), timeout)
-                except asyncio.TimeoutError:
-                    break
-                if count + len(nx) > self.max_batch:  # would overflow: it starts the next batch
-                    await self._run(items, count, loop)
-                    items, count = [], 0
-                    deadline = loop.time() + self.max_delay_s
-                items.append((nx, nf))
-                count += len(nx)
-            if items:
-                await self._run(items, count, loop)
-
-    async def _run(self, items, count, loop) -> None:
-        live = [(x, f) for x, f in items if not f.done()]  # callers that timed out are skipped
-        if not live:
-            return
-        batch = np.concatenate([x for x, _ in live]) if len(live) > 1 else live[0][0]
-        try:
-            logits = await loop.run_in_executor(self.executor, self.model.run, batch)
-        except Exception as exc:  # give every caller the failure instead of hanging them
-            for _, f in live:
-                if not f.done():
-                    f.set_exception(exc)
-            return
-        if self.on_batch:
-            self.on_batch(len(batch))
-        i = 0
-        for x, f in live:
-            if not f.done():
-                f.set_result(logits[i : i + len(x)])
-            i += len(x)
 
 
 def _metrics():
@@ -313,91 +187,12 @@ def create_app(cfg: ServeConfig, model=None):
     model = model or Model.load(cfg.bundle, backend=cfg.backend, precision=cfg.precision, threads=cfg.threads, spin=False)
     artifact_sha = next((a.sha256 for a in model.bundle.manifest.artifacts if a.file == model.artifact.name), None)
     ident = {"name": model.bundle.name, "sha256": artifact_sha, "precision": model.precision, "backend": model.backend_name}
-    decode_pool = ThreadPoolExecutor(max_workers=max(1, cfg.workers), thread_name_prefix="edgeconv-decode")
-    # requests carrying over LARGE_PAYLOAD bytes of images decode in their own thread, so that a burst of big
-    # photos queues behind itself and not in front of ordinary requests
-    large_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeconv-decode-large")
     batcher = Batcher(model, cfg.max_batch, cfg.max_delay_ms / 1000.0, cfg.max_queue, on_batch=m["batch"].observe)
+    gate = Admission(cfg, batcher, on_queue=m["queue"].set)
 
     def error(status: int, msg: str, headers=None):
         m["requests"].labels(str(status)).inc()
         return JSONResponse({"error": msg}, status_code=status, headers=headers)
-
-    CLOSE = {"Connection": "close"}  # the body was not (fully) read: do not keep the connection for another request
-    inflight = {"bytes": 0}  # body bytes reserved by requests in progress; released when the response has gone
-
-    def reserve_body(request: Request, n: int) -> None:
-        if inflight["bytes"] + n > cfg.max_inflight_body_bytes:
-            raise _HTTPError(503, "server busy: too many request bodies in flight; retry shortly", {"Retry-After": "1", **CLOSE})
-        inflight["bytes"] += n
-        request.scope["edgeconv.body_bytes"] = request.scope.get("edgeconv.body_bytes", 0) + n
-
-    async def read_body(request: Request, limit: Optional[int] = None) -> bytes:
-        """The body, with admission before a byte of it is buffered.
-
-        A declared Content-Length over the limit is 413 and a full queue (for a body over 64 KB or of unknown
-        length) is 503, both before reading; the body bytes of all requests together stay under
-        --max-inflight-body-mb (503); the whole body must arrive within --body-timeout-s (408).
-        """
-        limit = cfg.max_body_bytes if limit is None else min(limit, cfg.max_body_bytes)
-        length = request.headers.get("content-length")
-        declared = int(length) if length is not None and length.strip().isdigit() else None
-        if declared is not None and declared > limit:
-            raise _HTTPError(413, f"body of {declared} bytes exceeds the {limit}-byte limit", CLOSE)
-        if (declared is None or declared > 64 * 1024) and batcher.pending >= batcher.max_queue:
-            raise _HTTPError(503, "server busy: the inference queue is full; retry shortly", {"Retry-After": "1", **CLOSE})
-        if declared is not None:
-            reserve_body(request, declared)
-        chunks, size = [], 0
-
-        async def receive() -> None:
-            nonlocal size
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise _HTTPError(413, f"body exceeds the {limit}-byte limit", CLOSE)
-                if declared is None:
-                    reserve_body(request, len(chunk))
-                chunks.append(chunk)
-
-        try:
-            await asyncio.wait_for(receive(), cfg.body_timeout_s)
-        except asyncio.TimeoutError:
-            raise _HTTPError(408, f"the body did not arrive within {cfg.body_timeout_s} s", CLOSE)
-        return b"".join(chunks)
-
-    async def infer_admitted(n: int, prepare, payload) -> np.ndarray:
-        """Admission before any decoding, decoding in the pool, batched inference within --timeout-s.
-
-        Raises _HTTPError: 503 with Retry-After when the queue is full, 413 for an image whose header
-        declares more pixels than the cap, 400 for other input that does not decode, 504 when decoding
-        plus inference take longer than --timeout-s. /v1/predict and the v2 protocol both go through here.
-        """
-        try:
-            await batcher.admit(n, cfg.admit_wait_s)
-        except QueueFull:
-            raise _HTTPError(503, "server busy: the inference queue is full; retry shortly", {"Retry-After": "1"})
-        m["queue"].set(batcher.pending)
-        loop = asyncio.get_running_loop()
-
-        async def decode_and_run() -> np.ndarray:
-            try:
-                large = isinstance(payload, list) and sum(len(b) for b in payload if isinstance(b, bytes)) > LARGE_PAYLOAD
-                x = await loop.run_in_executor(large_pool if large else decode_pool, prepare, payload)
-            except EdgeconvError as exc:
-                raise _HTTPError(413 if isinstance(exc, _TOO_LARGE) else 400, str(exc))
-            except Exception as exc:  # a decoder failure nothing mapped (Pillow raises many types): still the input's fault
-                log.warning("input could not be decoded: %s: %s", type(exc).__name__, str(exc)[:200])
-                bomb = type(exc).__name__ == "DecompressionBombError"
-                raise _HTTPError(413 if bomb else 400, f"image could not be decoded: {type(exc).__name__}: {str(exc)[:200]}")
-            return await batcher.submit(x)
-
-        try:
-            return await asyncio.wait_for(decode_and_run(), cfg.timeout_s)
-        except asyncio.TimeoutError:
-            raise _HTTPError(504, f"decoding and inference did not finish within {cfg.timeout_s} s")
-        finally:
-            batcher.release(n)
 
     async def predict(request: Request):
         t0 = time.perf_counter()
@@ -405,13 +200,13 @@ def create_app(cfg: ServeConfig, model=None):
             ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype not in IMAGE_TYPES and ctype != "application/json":
                 return error(415, f"unsupported content type {ctype or '(none)'}; send image/jpeg, image/png, image/webp or application/json")
-            body = await read_body(request, cfg.max_json_bytes if ctype == "application/json" else None)
+            body = await gate.read_body(request, cfg.max_json_bytes if ctype == "application/json" else None)
             top_k = cfg.top_k
             if ctype == "application/json":
                 blobs, top_k = _parse_json(body, top_k)
             else:
                 blobs = [body]
-            logits = await infer_admitted(len(blobs), model.preprocess_images, blobs)
+            logits = await gate.infer(len(blobs), model.preprocess_images, blobs)
             probs = softmax(logits.astype(np.float64))
             k = max(1, min(int(top_k), len(model.classes)))
             preds = []
@@ -421,7 +216,7 @@ def create_app(cfg: ServeConfig, model=None):
             m["requests"].labels("200").inc()
             m["latency"].observe(time.perf_counter() - t0)
             return JSONResponse({"model": ident, "predictions": preds})
-        except _HTTPError as exc:
+        except HTTPError as exc:
             return error(exc.status, exc.message, headers=exc.headers)
         except ClientDisconnect:
             m["requests"].labels("499").inc()
@@ -456,8 +251,7 @@ def create_app(cfg: ServeConfig, model=None):
             state["verify"] = {"ok": False, "problems": [str(exc)]}
         yield
         await batcher.stop()
-        decode_pool.shutdown(wait=False)
-        large_pool.shutdown(wait=False)
+        gate.shutdown()
 
     routes = [
         Route("/v1/predict", predict, methods=["POST"]),
@@ -466,10 +260,7 @@ def create_app(cfg: ServeConfig, model=None):
         Route("/v1/model", model_info),
         Route("/metrics", metrics),
     ]
-    from .v2 import v2_routes  # the Open Inference Protocol, on the same batcher, decode pool and limits
-
-    routes += v2_routes(model=model, cfg=cfg, infer_admitted=infer_admitted, decode_pool=decode_pool, state=state, registry=registry,
-                        read_body=read_body, ident=ident)
+    routes += v2_routes(model=model, gate=gate, state=state, registry=registry, ident=ident)  # the Open Inference Protocol
     responses = Counter("edgeconv_http_responses", "every HTTP response by status, whatever the path (5xx included)", ["status"],
                         registry=registry)
     _GuardedHttp.on_reject = lambda status: responses.labels(str(status)).inc()
@@ -494,49 +285,29 @@ def create_app(cfg: ServeConfig, model=None):
                 responses.labels("500").inc()
             raise
         finally:
-            inflight["bytes"] -= scope.get("edgeconv.body_bytes", 0)
+            gate.release_body(scope)
 
     return counted
 
 
-class _HTTPError(Exception):
-    def __init__(self, status: int, message: str, headers: Optional[dict] = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
-
-
-def json_object(body: bytes, what: str, shape: str) -> dict:
-    """The request's JSON object; 400 when it is not JSON, nests too deeply for the parser, or is not an object.
-
-    ``what`` names the body in messages ("body", "request"); ``shape`` shows the object expected. /v1 and /v2 share it.
-    """
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _HTTPError(400, f"{what} is not valid JSON: {str(exc)[:200]}")
-    except RecursionError:
-        raise _HTTPError(400, f"{what} JSON is nested too deeply")
-    if not isinstance(doc, dict):
-        raise _HTTPError(400, f"{what} must be a JSON object: {shape}")
-    return doc
 
 
 def _parse_json(body: bytes, top_k: int) -> tuple:
     doc = json_object(body, "body", '{"image": "<base64>"} or {"images": ["<base64>", ...]}')
     items = doc.get("images", [doc["image"]] if "image" in doc else None)
     if not isinstance(items, list) or not items or not all(isinstance(s, str) for s in items):
-        raise _HTTPError(400, 'JSON body needs "image": "<base64>" or "images": ["<base64>", ...]')
+        raise HTTPError(400, 'JSON body needs "image": "<base64>" or "images": ["<base64>", ...]')
     if len(items) > 64:
-        raise _HTTPError(413, f"{len(items)} images in one request; send at most 64")
+        raise HTTPError(413, f"{len(items)} images in one request; send at most 64")
     k = doc.get("top_k", top_k)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise _HTTPError(400, '"top_k" must be a whole number >= 1')
+        raise HTTPError(400, '"top_k" must be a whole number >= 1')
     blobs = []
     for i, s in enumerate(items):
         try:
             blobs.append(base64.b64decode(s, validate=True))
         except (binascii.Error, ValueError):
-            raise _HTTPError(400, f"image {i} is not valid base64")
+            raise HTTPError(400, f"image {i} is not valid base64")
     return blobs, k
 
 

@@ -18,7 +18,7 @@ from typing import Iterator, List, Optional
 import numpy as np
 
 from .errors import EdgeconvError
-from .model import Prediction
+from .prediction import Prediction
 
 VIDEO_INSTALL_HINT = "pip install 'edgeconv-runtime[video]'"
 # a network stream that does not answer within this long is an error, not a hang

@@ -31,6 +31,7 @@ from typing import Optional
 import numpy as np
 
 from . import __version__
+from .admission import Admission, HTTPError, json_object
 
 VERSION = "1"
 IMAGE_INPUT = "image"
@@ -138,8 +139,6 @@ class Protocol:
 
     @staticmethod
     def parse_json(head: bytes) -> dict:
-        from .serve import json_object
-
         return json_object(head, "request", '{"inputs": [...]}')
 
     def plan(self, doc: dict, binary: bytes) -> dict:
@@ -315,15 +314,14 @@ class Protocol:
         return json.dumps(doc).encode(), b"".join(chunks)
 
 
-def v2_routes(*, model, cfg, infer_admitted, decode_pool, state: dict, registry, read_body, ident: dict) -> list:
-    """Starlette routes of the protocol, wired to the server's own batcher, decode pool, limits and readiness."""
+def v2_routes(*, model, gate: Admission, state: dict, registry, ident: dict) -> list:
+    """Starlette routes of the protocol, wired to the server's own admission gate (batcher, decode pool, limits) and readiness."""
     from prometheus_client import Counter, Histogram
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
     from .model import softmax
-    from .serve import _HTTPError
 
     proto = Protocol(model, model.bundle.manifest.input.get("name") or "input", ident)
     requests = Counter("edgeconv_v2_infer_requests", "HTTP requests to /v2/models/.../infer by status", ["status"], registry=registry)
@@ -366,17 +364,17 @@ def v2_routes(*, model, cfg, infer_admitted, decode_pool, state: dict, registry,
         loop = asyncio.get_running_loop()
         try:
             proto.check_model(request.path_params["name"], request.path_params.get("version"))
-            body = await read_body(request)
+            body = await gate.read_body(request)
             head, binary = proto.split_body(body, request.headers.get(HEADER_LENGTH))
             if len(head) <= INLINE_JSON_BYTES:
                 doc = proto.parse_json(head)
             else:
-                doc = await loop.run_in_executor(decode_pool, proto.parse_json, head)
+                doc = await loop.run_in_executor(gate.decode_pool, proto.parse_json, head)
             plan = proto.plan(doc, binary)
             if plan["kind"] == "images":
-                logits = await infer_admitted(plan["n"], model.preprocess_images, plan["payload"])
+                logits = await gate.infer(plan["n"], model.preprocess_images, plan["payload"])
             else:
-                logits = await infer_admitted(plan["n"], proto.tensor, plan)
+                logits = await gate.infer(plan["n"], proto.tensor, plan)
             head, tail = proto.response(plan, logits, softmax)
             latency.observe(time.perf_counter() - t0)
             if not tail:
@@ -385,7 +383,7 @@ def v2_routes(*, model, cfg, infer_admitted, decode_pool, state: dict, registry,
         except V2Error as exc:
             status = exc.status
             return error(exc.status, exc.message)
-        except _HTTPError as exc:  # the body limit (413), a full queue (503), undecodable input (400), the timeout (504)
+        except HTTPError as exc:  # the body limit (413), a full queue (503), undecodable input (400), the timeout (504)
             status = exc.status
             return error(exc.status, exc.message, headers=exc.headers)
         except ClientDisconnect:

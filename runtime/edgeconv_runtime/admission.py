@@ -1,0 +1,260 @@
+"""Admission control shared by /v1 and /v2: the batching queue, body limits, decoding and the request deadline.
+
+Every request goes through the same gate in the same order: its body is admitted (size and bytes in flight) before
+a byte of it is buffered, its images are admitted to the queue before any decoding, decoding runs in a thread pool
+and inference in batches, all within --timeout-s. Refusals are ``HTTPError`` with the status and a one-line reason.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import numpy as np
+
+from .errors import EdgeconvError, ImageTooLarge
+
+log = logging.getLogger("edgeconv.serve")
+
+LARGE_PAYLOAD = 1024 * 1024  # requests with more image bytes than this decode in their own thread
+CLOSE = {"Connection": "close"}  # the body was not (fully) read: do not keep the connection for another request
+RETRY = {"Retry-After": "1"}
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Batcher:
+    """Gathers queued requests into batches for one inference thread."""
+
+    def __init__(self, model, max_batch: int, max_delay_s: float, max_queue: int, on_batch=None):
+        self.model = model
+        self.max_batch = max(1, max_batch)
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self.pending = 0  # images admitted: decoding, queued or in inference
+        self.waiters: collections.deque = collections.deque()  # (images, future) waiting for places, oldest first
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeconv-infer")
+        self.on_batch = on_batch
+        self.task: Optional[asyncio.Task] = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+        self.executor.shutdown(wait=True)
+
+    def reserve(self, n: int) -> None:
+        """Admission control: take ``n`` queue places before any decoding, or raise QueueFull.
+
+        Rejecting before the decode keeps an overloaded server's CPU for the requests it
+        accepted and its memory bounded by the queue, not by the number of connections.
+        """
+        if self.pending + n > self.max_queue:
+            raise QueueFull()
+        self.pending += n
+
+    async def admit(self, n: int, wait_s: float) -> None:
+        """Like reserve, but a request that finds the queue full waits up to ``wait_s`` for places, first come first
+        served, before QueueFull. The wait costs no CPU, so clients that retry at once on 503 are slowed to the pace
+        the server can serve instead of spinning the event loop with rejections (goodput stays near capacity)."""
+        if n > self.max_queue:
+            raise QueueFull()
+        if not self.waiters and self.pending + n <= self.max_queue:
+            self.pending += n
+            return
+        if wait_s <= 0:
+            raise QueueFull()
+        entry = (n, asyncio.get_running_loop().create_future())
+        self.waiters.append(entry)
+        try:
+            await asyncio.wait_for(asyncio.shield(entry[1]), wait_s)
+        except asyncio.TimeoutError:
+            if entry[1].done():  # granted at the last moment: keep it
+                return
+            self.waiters.remove(entry)
+            raise QueueFull()
+        except asyncio.CancelledError:
+            if entry[1].done():
+                self.release(n)
+            else:
+                self.waiters.remove(entry)
+            raise
+
+    def release(self, n: int) -> None:
+        self.pending -= n
+        while self.waiters and self.pending + self.waiters[0][0] <= self.max_queue:
+            k, fut = self.waiters.popleft()
+            if not fut.done():
+                self.pending += k
+                fut.set_result(True)
+
+    async def submit(self, x: np.ndarray) -> np.ndarray:
+        """Queue a reserved batch of images for inference; returns its logits."""
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put((x, fut))
+        return await fut
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            x, fut = await self.queue.get()
+            items, count = [(x, fut)], len(x)
+            deadline = loop.time() + self.max_delay_s
+            while count < self.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    nx, nf = await asyncio.wait_for(self.queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    break
+                if count + len(nx) > self.max_batch:  # would overflow: it starts the next batch
+                    await self._run(items, count, loop)
+                    items, count = [], 0
+                    deadline = loop.time() + self.max_delay_s
+                items.append((nx, nf))
+                count += len(nx)
+            if items:
+                await self._run(items, count, loop)
+
+    async def _run(self, items, count, loop) -> None:
+        live = [(x, f) for x, f in items if not f.done()]  # callers that timed out are skipped
+        if not live:
+            return
+        batch = np.concatenate([x for x, _ in live]) if len(live) > 1 else live[0][0]
+        try:
+            logits = await loop.run_in_executor(self.executor, self.model.run, batch)
+        except Exception as exc:  # give every caller the failure instead of hanging them
+            for _, f in live:
+                if not f.done():
+                    f.set_exception(exc)
+            return
+        if self.on_batch:
+            self.on_batch(len(batch))
+        i = 0
+        for x, f in live:
+            if not f.done():
+                f.set_result(logits[i : i + len(x)])
+            i += len(x)
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+def json_object(body: bytes, what: str, shape: str) -> dict:
+    """The request's JSON object; 400 when it is not JSON, nests too deeply for the parser, or is not an object.
+
+    ``what`` names the body in messages ("body", "request"); ``shape`` shows the object expected. /v1 and /v2 share it.
+    """
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HTTPError(400, f"{what} is not valid JSON: {str(exc)[:200]}")
+    except RecursionError:
+        raise HTTPError(400, f"{what} JSON is nested too deeply")
+    if not isinstance(doc, dict):
+        raise HTTPError(400, f"{what} must be a JSON object: {shape}")
+    return doc
+
+
+class Admission:
+    """The gate every inference request passes, whatever its protocol (see the module docstring)."""
+
+    def __init__(self, cfg, batcher: Batcher, on_queue=None):
+        self.cfg, self.batcher, self.on_queue = cfg, batcher, on_queue or (lambda depth: None)
+        self.inflight_bytes = 0  # body bytes reserved by requests in progress; released when the response has gone
+        self.decode_pool = ThreadPoolExecutor(max_workers=max(1, cfg.workers), thread_name_prefix="edgeconv-decode")
+        # requests carrying over LARGE_PAYLOAD bytes of images decode in their own thread, so that a burst of big
+        # photos queues behind itself and not in front of ordinary requests
+        self.large_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeconv-decode-large")
+
+    def shutdown(self) -> None:
+        self.decode_pool.shutdown(wait=False)
+        self.large_pool.shutdown(wait=False)
+
+    def _reserve_body(self, scope: dict, n: int) -> None:
+        if self.inflight_bytes + n > self.cfg.max_inflight_body_bytes:
+            raise HTTPError(503, "server busy: too many request bodies in flight; retry shortly", {**RETRY, **CLOSE})
+        self.inflight_bytes += n
+        scope["edgeconv.body_bytes"] = scope.get("edgeconv.body_bytes", 0) + n
+
+    def release_body(self, scope: dict) -> None:
+        """Called when the response has gone: the request's body bytes leave the in-flight total."""
+        self.inflight_bytes -= scope.get("edgeconv.body_bytes", 0)
+
+    async def read_body(self, request, limit: Optional[int] = None) -> bytes:
+        """The body, with admission before a byte of it is buffered.
+
+        A declared Content-Length over the limit is 413 and a full queue (for a body over 64 KB or of unknown
+        length) is 503, both before reading; the body bytes of all requests together stay under
+        --max-inflight-body-mb (503); the whole body must arrive within --body-timeout-s (408).
+        """
+        cfg, batcher = self.cfg, self.batcher
+        limit = cfg.max_body_bytes if limit is None else min(limit, cfg.max_body_bytes)
+        length = request.headers.get("content-length")
+        declared = int(length) if length is not None and length.strip().isdigit() else None
+        if declared is not None and declared > limit:
+            raise HTTPError(413, f"body of {declared} bytes exceeds the {limit}-byte limit", CLOSE)
+        if (declared is None or declared > 64 * 1024) and batcher.pending >= batcher.max_queue:
+            raise HTTPError(503, "server busy: the inference queue is full; retry shortly", {**RETRY, **CLOSE})
+        if declared is not None:
+            self._reserve_body(request.scope, declared)
+        chunks, size = [], 0
+
+        async def receive() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise HTTPError(413, f"body exceeds the {limit}-byte limit", CLOSE)
+                if declared is None:
+                    self._reserve_body(request.scope, len(chunk))
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(receive(), cfg.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPError(408, f"the body did not arrive within {cfg.body_timeout_s} s", CLOSE)
+        return b"".join(chunks)
+
+    async def infer(self, n: int, prepare, payload) -> np.ndarray:
+        """Admission before any decoding, decoding in the pool, batched inference within --timeout-s.
+
+        Raises HTTPError: 503 with Retry-After when the queue is full, 413 for an image whose header
+        declares more pixels than the cap, 400 for other input that does not decode, 504 when decoding
+        plus inference take longer than --timeout-s. /v1/predict and the v2 protocol both go through here.
+        """
+        try:
+            await self.batcher.admit(n, self.cfg.admit_wait_s)
+        except QueueFull:
+            raise HTTPError(503, "server busy: the inference queue is full; retry shortly", RETRY)
+        self.on_queue(self.batcher.pending)
+        try:
+            return await asyncio.wait_for(self._decode_and_run(prepare, payload), self.cfg.timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPError(504, f"decoding and inference did not finish within {self.cfg.timeout_s} s")
+        finally:
+            self.batcher.release(n)
+
+    async def _decode_and_run(self, prepare, payload) -> np.ndarray:
+        large = isinstance(payload, list) and sum(len(b) for b in payload if isinstance(b, bytes)) > LARGE_PAYLOAD
+        try:
+            x = await asyncio.get_running_loop().run_in_executor(self.large_pool if large else self.decode_pool, prepare, payload)
+        except EdgeconvError as exc:
+            raise HTTPError(413 if isinstance(exc, ImageTooLarge) else 400, str(exc))
+        except Exception as exc:  # a decoder failure nothing mapped (Pillow raises many types): still the input's fault
+            log.warning("input could not be decoded: %s: %s", type(exc).__name__, str(exc)[:200])
+            bomb = type(exc).__name__ == "DecompressionBombError"
+            raise HTTPError(413 if bomb else 400, f"image could not be decoded: {type(exc).__name__}: {str(exc)[:200]}")
+        return await self.batcher.submit(x)
