@@ -10,7 +10,8 @@ import torch
 
 from edgeconv import checkpoint as ckpt
 from edgeconv.data import load_dataset
-from edgeconv.train import InMemoryLoader, TrainConfig, train
+from edgeconv.training import TrainConfig, train
+from edgeconv.training.loaders import InMemoryLoader
 from edgeconv_runtime.preprocess import Preprocess, preprocess_images
 
 PRE28 = Preprocess(size=(28, 28), channels=1, mean=(0.0,), std=(1.0,))
