@@ -55,3 +55,19 @@ def test_unknown_model_and_downsampling_are_clear_errors():
         create_model("chollet_mnist", 10, 1, (28, 28), downsample="median")
     with pytest.raises(EdgeconvError, match="too small"):
         create_model("chollet_catsdogs", 2, 3, (20, 20))
+
+
+def test_registry_refuses_duplicate_names():
+    from edgeconv.models import register_model
+    from edgeconv.models._registry import register_namespace
+
+    original = get_model_entry("efficientnet_lite0")
+    with pytest.raises(ValueError, match="'efficientnet_lite0' is already registered"):
+        register_model("efficientnet_lite0", "an impostor")(lambda **kw: None)
+    assert get_model_entry("efficientnet_lite0") is original
+    with pytest.raises(ValueError, match="reserved for namespaces"):
+        register_model("timm:mine", "a name in timm's namespace")(lambda **kw: None)
+    with pytest.raises(ValueError, match="namespace 'timm' is already registered"):
+        register_namespace("timm", lambda name: None)
+    with pytest.raises(EdgeconvError, match="unknown timm model 'mine'"):
+        get_model_entry("timm:mine")

@@ -5,8 +5,9 @@ from torch import nn
 
 
 class TransferBackbone(nn.Module):
-    """Subclasses provide ``stem(x)``, ``_blocks`` (a ModuleList), ``pooled(x)`` (after the
-    blocks: head convs, pooling, flatten), ``_dropout`` and ``_fc`` (the classifier)."""
+    """Subclasses provide ``stem(x)``, ``_blocks`` (a sequence of modules), ``pooled(x)`` (after the
+    blocks: head convs, pooling, flatten), ``pooled_parameters()``, ``_dropout`` and the classifier
+    (``_fc``, or their own ``get_classifier()``)."""
 
     def forward_features(self, x):
         x = self.stem(x)
@@ -24,13 +25,13 @@ class TransferBackbone(nn.Module):
 
     def forward_head(self, features, classifier=None):
         """Dropout then the classifier (or ``classifier``, e.g. the same layer wrapped for DDP) on pooled features."""
-        return (classifier or self._fc)(self._dropout(features))
+        return (classifier or self.get_classifier())(self._dropout(features))
 
     def train_head(self) -> None:
         """Training mode for the head only: the frozen base keeps its batch-norm statistics."""
         self.eval()
         self._dropout.train()
-        self._fc.train()
+        self.get_classifier().train()
 
     def pooled_parameters(self) -> list:  # pragma: no cover - interface
         raise NotImplementedError

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Optional
 
 from edgeconv_runtime.errors import EdgeconvError
 
 _MODELS: dict = {}
+_NAMESPACES: dict = {}  # prefix: resolve(NAME) -> ModelEntry
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,14 @@ class ModelEntry:
     pretrained: bool = False
 
 
+def _add(entry: ModelEntry) -> None:
+    if entry.name in _MODELS:
+        raise ValueError(f"model {entry.name!r} is already registered (by {_MODELS[entry.name].builder.__module__}); pick another name")
+    if ":" in entry.name:
+        raise ValueError(f"model name {entry.name!r}: ':' is reserved for namespaces such as timm:NAME")
+    _MODELS[entry.name] = entry
+
+
 def register_model(
     name: str,
     description: str,
@@ -30,10 +40,10 @@ def register_model(
     train_defaults=None,
     pretrained=False,
 ):
+    """Decorator: register ``fn(num_classes, in_channels, input_size, **kwargs)`` as model ``name`` (names are unique)."""
+
     def wrap(fn):
-        _MODELS[name] = ModelEntry(
-            name, fn, description, default_size, listed_example or {}, preprocess or {}, train_defaults or {}, pretrained
-        )
+        _add(ModelEntry(name, fn, description, default_size, listed_example or {}, preprocess or {}, train_defaults or {}, pretrained))
         return fn
 
     return wrap
@@ -42,31 +52,39 @@ def register_model(
 BACKBONE_TRAIN_DEFAULTS = {"optimizer": "adam", "lr": 1e-3, "batch_size": 32, "augment_preset": "light"}
 
 
-def register_backbone(name: str, description: str, build, resolution: int, preprocess: dict) -> None:
+def backbone_entry(name: str, description: str, build: Callable, size: tuple, preprocess: dict, pretrained: bool = True) -> ModelEntry:
+    """The entry of a backbone built by ``build(num_classes, in_channels, input_size, pretrained, weights, dropout)``."""
+    size = tuple(size)
+    return ModelEntry(name, build, description, default_size=size,
+                      listed_example={"num_classes": 1000, "in_channels": 3, "input_size": size, "pretrained": False},
+                      preprocess=preprocess, train_defaults=BACKBONE_TRAIN_DEFAULTS, pretrained=pretrained)
+
+
+def register_backbone(name: str, description: str, build: Callable, resolution: int, preprocess: dict) -> None:
     """Register a pretrained backbone: ``build(name, num_classes, in_channels, input_size, pretrained, weights, dropout)``."""
+    _add(backbone_entry(name, description, partial(build, name), (resolution, resolution), preprocess))
 
-    def factory(num_classes, in_channels, input_size, pretrained=True, weights=None, dropout=None):
-        return build(name, num_classes, in_channels, input_size, pretrained, weights, dropout)
 
-    register_model(
-        name,
-        description,
-        default_size=(resolution, resolution),
-        listed_example={"num_classes": 1000, "in_channels": 3, "input_size": (resolution, resolution), "pretrained": False},
-        preprocess=preprocess,
-        train_defaults=BACKBONE_TRAIN_DEFAULTS,
-        pretrained=True,
-    )(factory)
+def register_namespace(prefix: str, resolve: Callable) -> None:
+    """Models named ``PREFIX:NAME`` (e.g. timm:resnet18): ``resolve(NAME)`` gives their entry, or raises EdgeconvError."""
+    if prefix in _NAMESPACES:
+        raise ValueError(f"model namespace {prefix!r} is already registered")
+    _NAMESPACES[prefix] = resolve
 
 
 def list_models() -> list:
+    """The registered names; any ``timm:NAME`` and ``torchvision:NAME`` resolve as well."""
     return sorted(_MODELS)
 
 
 def get_model_entry(name: str) -> ModelEntry:
-    if name not in _MODELS:
-        raise EdgeconvError(f"unknown model {name!r}; `edgeconv models` lists the available ones ({', '.join(list_models())})")
-    return _MODELS[name]
+    if name in _MODELS:
+        return _MODELS[name]
+    prefix, sep, rest = name.partition(":")
+    if sep and prefix in _NAMESPACES:
+        return _NAMESPACES[prefix](rest)
+    namespaces = ", ".join(f"{p}:NAME" for p in sorted(_NAMESPACES))
+    raise EdgeconvError(f"unknown model {name!r}; `edgeconv models` lists the available ones ({', '.join(list_models())}; also {namespaces})")
 
 
 def create_model(name: str, num_classes: int, in_channels: int, input_size: tuple, **kwargs):

@@ -26,7 +26,7 @@ def build_preprocess(model_name: str, info, size: Optional[int], resize: Optiona
     mean = p.get("mean", (0.0,) * ch)
     std = p.get("std", (1.0,) * ch)
     return Preprocess(size=hw, channels=ch, resize=p.get("resize", "stretch"), crop_pct=p.get("crop_pct", 0.875), scale=p.get("scale", 1 / 255), mean=mean, std=std,
-                      jpeg_draft=True)
+                      interpolation=p.get("interpolation", "bilinear"), jpeg_draft=True)
 
 
 def _input_size(entry, info, size: Optional[int]) -> tuple:

@@ -1,4 +1,5 @@
-"""torchvision backbones (mobilenet_v3_small/large, resnet18, efficientnet_b0) for transfer learning.
+"""torchvision backbones for transfer learning: four registered names (mobilenet_v3_small/large,
+resnet18, efficientnet_b0) and any torchvision classifier by name (``torchvision:NAME``).
 
 Weights come through torchvision's weights API: downloaded when the user is online, or read
 from ``--weights PATH``. Offline with no file is a one-line error, never a hang.
@@ -6,6 +7,7 @@ from ``--weights PATH``. Offline with no file is a one-line error, never a hang.
 from __future__ import annotations
 
 import socket
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +17,7 @@ from torch import nn
 from edgeconv_runtime.errors import EdgeconvError
 
 from ._backbone import TransferBackbone
-from ._registry import register_backbone
+from ._registry import backbone_entry, register_backbone, register_namespace
 
 DOWNLOAD_TIMEOUT_S = 20
 
@@ -26,6 +28,7 @@ BACKBONES = {
     "resnet18": ("ResNet18_Weights", 224),
     "efficientnet_b0": ("EfficientNet_B0_Weights", 224),
 }
+SUPPORTED_LAYOUTS = "ResNet/ResNeXt, RegNet and features/avgpool/classifier networks (MobileNet, EfficientNet, ConvNeXt, VGG, AlexNet)"
 
 
 class Backbone(TransferBackbone):
@@ -47,9 +50,7 @@ class Backbone(TransferBackbone):
         return list(self.neck.parameters())
 
 
-def _state_dict(name: str, weights: Optional[str]) -> dict:
-    import torchvision
-
+def _state_dict(name: str, weights: Optional[str], enum) -> dict:
     if weights:
         if not Path(weights).is_file():
             raise EdgeconvError(f"--weights file not found: {weights}")
@@ -57,7 +58,6 @@ def _state_dict(name: str, weights: Optional[str]) -> dict:
             return torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise EdgeconvError(f"cannot read --weights {weights}: {str(exc).splitlines()[0][:120]}") from exc
-    enum = getattr(torchvision.models, BACKBONES[name][0]).IMAGENET1K_V1
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
@@ -71,35 +71,70 @@ def _state_dict(name: str, weights: Optional[str]) -> dict:
         socket.setdefaulttimeout(old)
 
 
+def _cut(name: str, net: nn.Module) -> tuple:
+    """(stem, blocks, neck, classifier, its dropout) of a torchvision classifier."""
+    if hasattr(net, "layer4"):  # ResNet, ResNeXt, Wide ResNet
+        stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        return stem, [net.layer1, net.layer2, net.layer3, net.layer4], nn.Sequential(net.avgpool, nn.Flatten(1)), net.fc, 0.0
+    if hasattr(net, "trunk_output"):  # RegNet
+        return net.stem, list(net.trunk_output), nn.Sequential(net.avgpool, nn.Flatten(1)), net.fc, 0.0
+    head = list(getattr(net, "classifier", []))
+    if hasattr(net, "features") and hasattr(net, "avgpool") and head and isinstance(head[-1], nn.Linear):
+        # the pre-logits layers (e.g. MobileNetV3's Linear + Hardswish) join the neck; the dropout and last Linear become ours
+        pre = [m for m in head[:-1] if not isinstance(m, nn.Dropout)]
+        flatten = [] if any(isinstance(m, nn.Flatten) for m in pre) else [nn.Flatten(1)]
+        drop = next((m.p for m in head if isinstance(m, nn.Dropout)), 0.0)
+        return net.features[0], list(net.features[1:]), nn.Sequential(net.avgpool, *flatten, *pre), head[-1], drop
+    raise EdgeconvError(f"edgeconv cannot split {name} into base and head; it knows {SUPPORTED_LAYOUTS}")
+
+
+def _load(name: str, net: nn.Module, sd: dict) -> None:
+    """Load ``sd`` into ``net``; a file whose classifier has other classes (a fine-tuned model) brings its own."""
+    fc = _cut(name, net)[3]
+    key = next(k for k, p in net.named_parameters() if p is fc.weight)
+    if key in sd and sd[key].shape[0] != fc.out_features:
+        parent, _, attr = key.rpartition(".")[0].rpartition(".")
+        setattr(net.get_submodule(parent), attr, nn.Linear(fc.in_features, sd[key].shape[0]))
+    try:
+        net.load_state_dict(sd)
+    except RuntimeError as exc:  # torch lists every bad tensor over many lines: keep the start
+        raise EdgeconvError(f"the weights do not fit {name} ({' '.join(str(exc).split())[:160]}); pass the file of this architecture") from exc
+
+
 def build_torchvision(name: str, num_classes: int, in_channels: int, input_size: tuple, pretrained: bool = True,
-                      weights: Optional[str] = None, dropout: Optional[float] = None) -> Backbone:
+                      weights: Optional[str] = None, dropout: Optional[float] = None, enum=None) -> Backbone:
+    """torchvision's ``name`` with ImageNet weights ``enum`` (default: the registered name's IMAGENET1K_V1)."""
     import torchvision
 
     if in_channels != 3:
         raise EdgeconvError(f"{name} takes RGB images; this data has {in_channels} channel(s)")
     net = torchvision.models.get_model(name, weights=None)
     if pretrained:
-        net.load_state_dict(_state_dict(name, weights))
-    if name.startswith("resnet"):
-        stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        blocks = [net.layer1, net.layer2, net.layer3, net.layer4]
-        neck = nn.Sequential(net.avgpool, nn.Flatten(1))
-        fc, drop = net.fc, 0.0
-    elif name.startswith("mobilenet_v3"):
-        stem, blocks = net.features[0], list(net.features[1:])
-        # keep the pre-logits layers (Linear + Hardswish) in the neck; the dropout and last Linear become ours
-        neck = nn.Sequential(net.avgpool, nn.Flatten(1), net.classifier[0], net.classifier[1])
-        fc, drop = net.classifier[3], 0.2
-    else:  # efficientnet_b0
-        stem, blocks = net.features[0], list(net.features[1:])
-        neck = nn.Sequential(net.avgpool, nn.Flatten(1))
-        fc, drop = net.classifier[1], 0.2
+        _load(name, net, _state_dict(name, weights, enum or getattr(torchvision.models, BACKBONES[name][0]).IMAGENET1K_V1))
+    stem, blocks, neck, fc, drop = _cut(name, net)
     model = Backbone(stem, blocks, neck, fc, drop if dropout is None else dropout)
     if num_classes != fc.out_features:
         model._fc = nn.Linear(fc.in_features, num_classes)
     return model
 
 
+@lru_cache(maxsize=None)
+def resolve(name: str):
+    """The registry entry for ``torchvision:NAME``: its DEFAULT weights and their preprocessing."""
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise EdgeconvError(f"unknown torchvision classifier {name!r}; torchvision.models.list_models() lists them")
+    enum = torchvision.models.get_model_weights(name).DEFAULT
+    t = enum.transforms()
+    crop, resize = t.crop_size[0], t.resize_size[0]
+    pre = {"resize": "shorter_center_crop", "crop_pct": crop / resize, "scale": 1 / 255, "mean": tuple(t.mean), "std": tuple(t.std), "channels": 3,
+           "interpolation": "bicubic" if t.interpolation.value == "bicubic" else "bilinear"}
+    build = partial(build_torchvision, name, enum=enum)
+    return backbone_entry(f"torchvision:{name}", f"torchvision {name}, ImageNet weights ({enum}) online or --weights PATH", build, (crop, crop), pre)
+
+
 _PRE = {"resize": "shorter_center_crop", "crop_pct": 0.875, "scale": 1 / 255, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "channels": 3}
 for _name, (_enum, _res) in BACKBONES.items():
     register_backbone(_name, f"torchvision {_name}, ImageNet weights via torchvision (online) or --weights PATH", build_torchvision, _res, _PRE)
+register_namespace("torchvision", resolve)
