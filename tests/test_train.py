@@ -138,3 +138,17 @@ def test_ctrl_c_keeps_the_best_checkpoint(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["interrupted"] is True and m["epochs_run"] < 200
     assert ckpt.load_checkpoint(out)["epoch"] == m["best_epoch"]
+
+
+def test_a_run_refused_before_training_leaves_no_empty_out(tmp_path, catsdogs_tiny):
+    """Weights that do not load are refused after the data is read; the folders --out asked for are not left behind."""
+    from edgeconv_runtime.errors import EdgeconvError
+
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(b"not a checkpoint")
+    out = tmp_path / "new" / "run"
+    cfg = TrainConfig(data=str(catsdogs_tiny), model="timm:resnet10t", weights=str(bad), size=32, out=str(out), epochs=1, progress=False)
+    with pytest.raises(EdgeconvError, match="cannot read --weights"):
+        train(cfg)
+    assert not (tmp_path / "new").exists()
+    assert bad.is_file()  # the user's file is untouched

@@ -2,6 +2,7 @@
 metrics.json, the history, the curves and the model card."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,10 +49,26 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None, resume: bool =
     from its last resumable state.
     """
     ctx = ddp.init_distributed()
+    made = [] if resume else _missing_dirs(Path(config.out))
     try:
         return _train(config, dataset, resume, ctx)
+    except EdgeconvError:
+        if ctx.is_main:  # refused before anything was written (bad weights, hub offline): leave no empty folders behind
+            with contextlib.suppress(OSError):
+                for d in made:
+                    d.rmdir()
+        raise
     finally:
         ddp.cleanup(ctx)
+
+
+def _missing_dirs(out: Path) -> list:
+    """``out`` and the ancestors of it that do not exist yet, deepest first."""
+    missing = []
+    while not out.exists() and out != out.parent:
+        missing.append(out)
+        out = out.parent
+    return missing
 
 
 def _train(config: TrainConfig, dataset: Optional[Dataset], resume: bool, ctx: ddp.DistContext) -> RunResult:
