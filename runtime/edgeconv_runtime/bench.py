@@ -20,6 +20,7 @@ from .errors import BackendUnavailable, EdgeconvError
 from .fileio import atomic_write_json, atomic_write_text
 from .gpu import gpu_info
 from .jetson import PowerSampler, jetson_facts, jetson_model
+from .plain import BenchTarget, graph_target
 
 
 @dataclass
@@ -35,6 +36,7 @@ class BenchConfig:
     data: Optional[str] = None
     end_to_end: bool = True
     progress: bool = True
+    shape: Optional[tuple] = None  # a plain ONNX file's input shape for one item (no batch), where the graph leaves it open
 
 
 def latency_stats(seconds: Sequence[float], batch: int) -> dict:
@@ -115,63 +117,59 @@ class _Progress:
                 sys.stderr.write("\n")
 
 
+def _bundle_target(cfg: BenchConfig) -> BenchTarget:
+    from .bundle import read_bundle
+    from .fileio import sha256_file
+    from .manifest import MANIFEST_NAME
+    from .model import Model
+
+    if cfg.shape:
+        raise EdgeconvError("--shape is for plain ONNX files; a bundle records its input shape")
+    bundle = read_bundle(cfg.bundle)
+    ref = bundle.manifest.reference or {}
+    if not ref.get("inputs"):
+        raise EdgeconvError("the bundle has no reference inputs to benchmark with; re-export it")
+    return BenchTarget(bundle.name, sha256_file(Path(cfg.bundle) / MANIFEST_NAME),  # the manifest holds every artifact's sha256
+                   np.load(bundle.path(ref["inputs"]), allow_pickle=False).astype(np.float32),
+                   lambda backend, precision: Model.load(cfg.bundle, backend=backend, precision=precision, threads=cfg.threads),
+                   [bundle.path(f).read_bytes() for f in ref.get("images", [])],
+                   accuracy=(lambda model: model.evaluate(cfg.data)["accuracy"]) if cfg.data else None)
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     """Measure every combination in ``cfg``; returns {"environment", "rows", "skipped"}."""
-    from .bundle import read_bundle
-    from .model import Model, softmax
-    from .preprocess import preprocess_images
-
     import datetime as _dt
 
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     t_start = time.perf_counter()
     load_start = _loadavg()
-    bundle = read_bundle(cfg.bundle)
-    ref = bundle.manifest.reference or {}
-    ref_x = np.load(bundle.path(ref["inputs"]), allow_pickle=False).astype(np.float32) if ref.get("inputs") else None
-    if ref_x is None:
-        raise EdgeconvError("the bundle has no reference inputs to benchmark with; re-export it")
-    jpeg_bytes = [bundle.path(f).read_bytes() for f in ref.get("images", [])]
+    target = graph_target(cfg) if Path(cfg.bundle).suffix == ".onnx" else _bundle_target(cfg)
     rows, skipped = [], []
+    batch_sizes = target.batch_sizes or list(cfg.batch_sizes)
+    skipped += [{"backend": "batch", "precision": str(bs), "reason": f"the graph fixes its batch size to {batch_sizes[0]}"}
+                for bs in cfg.batch_sizes if bs not in batch_sizes]
     combos = [(b, p) for b in cfg.backends for p in cfg.precisions]
-    progress = _Progress(len(combos) * len(cfg.batch_sizes), cfg.progress)
+    progress = _Progress(len(combos) * len(batch_sizes), cfg.progress)
     for backend, precision in combos:
         t0 = time.perf_counter()
         try:
-            model = Model.load(cfg.bundle, backend=backend, precision=precision, threads=cfg.threads)
+            model = target.load(backend, precision)
         except (BackendUnavailable, EdgeconvError) as exc:
             skipped.append({"backend": backend, "precision": precision, "reason": str(exc)})
-            for _ in cfg.batch_sizes:
+            for _ in batch_sizes:
                 progress.step(f"{backend} {precision} skipped")
             continue
         load_s = time.perf_counter() - t0
+        x1 = target.inputs[: batch_sizes[0]] if target.batch_sizes else target.inputs[:1]
         t1 = time.perf_counter()
-        model.run(ref_x[:1])
+        model.run(x1)
         first_ms = (time.perf_counter() - t1) * 1e3
-        accuracy = model.evaluate(cfg.data)["accuracy"] if cfg.data else None
-        for bs in cfg.batch_sizes:
-            x = np.ascontiguousarray(np.resize(ref_x, (bs, *ref_x.shape[1:])))
-            with PowerSampler() as power:  # jtop or tegrastats on a Jetson; a no-op elsewhere
-                times = time_loop(lambda: model.run(x), cfg.warmup, cfg.iterations, cfg.duration)
+        accuracy = target.accuracy(model) if target.accuracy else None
+        for bs in batch_sizes:
             row = {"backend": model.backend_name, "precision": precision, "batch": bs, "load_s": load_s, "first_inference_ms": first_ms,
-                   "threads": getattr(model.backend, "threads", None), **latency_stats(times, bs)}
-            if power.mean_watts:
-                row["watts"] = power.mean_watts
-                row["images_per_watt"] = row["throughput_ips"] / power.mean_watts
-                row["power_method"] = f"{power.source}: {power.summary['method']}"
-            elif power.source:
-                row["power_method"] = f"{power.source}: no reading ({power.summary['reason']})"
-            if cfg.end_to_end and jpeg_bytes:
-                batch_bytes = [jpeg_bytes[i % len(jpeg_bytes)] for i in range(bs)]
-                pre = model.preprocess
-
-                def e2e():
-                    px = preprocess_images(batch_bytes, pre, strict=False)
-                    p = softmax(model.run(px))
-                    return [model.classes[i] for i in p.argmax(1)]
-
-                e2e_stats = latency_stats(time_loop(e2e, max(1, cfg.warmup // 2), cfg.iterations, cfg.duration), bs)
-                row.update({f"e2e_{k}": v for k, v in e2e_stats.items() if k != "iterations"})
+                   "threads": getattr(model.backend, "threads", None), **_timed(model, target.inputs, bs, cfg)}
+            if cfg.end_to_end and target.jpeg_bytes:
+                row.update(_end_to_end(model, target.jpeg_bytes, bs, cfg))
                 row["e2e_over_model_p50"] = row["e2e_p50_ms"] / row["p50_ms"]
             row["accuracy"] = accuracy
             rows.append(row)
@@ -179,17 +177,46 @@ def run_bench(cfg: BenchConfig) -> dict:
         model.close()
     load_end = _loadavg()
     from .compare import device_label
-    from .fileio import sha256_file
-    from .manifest import MANIFEST_NAME
 
-    result = {"bundle": str(Path(cfg.bundle).resolve()), "model": bundle.name,
-              "bundle_sha256": sha256_file(Path(cfg.bundle) / MANIFEST_NAME),  # the manifest holds every artifact's sha256
+    result = {"bundle": str(Path(cfg.bundle).resolve()), "model": target.name, "bundle_sha256": target.sha256,
               "timestamp": started, "seconds": round(time.perf_counter() - t_start, 3), "versions": library_versions(),
               "load": {"loadavg_1m_start": load_start, "loadavg_1m_end": load_end, "cpu_count": os.cpu_count()},
               "environment": environment(cfg.threads), "rows": rows, "skipped": skipped}
     result["environment"].setdefault("ram_gb", _ram_gb())
     result["device"] = device_label(result)
     return result
+
+
+def _timed(model, inputs: np.ndarray, bs: int, cfg: BenchConfig) -> dict:
+    """Model-only latency at batch ``bs`` (inputs tiled), with power where the device reports it."""
+    x = np.ascontiguousarray(np.resize(inputs, (bs, *inputs.shape[1:])))
+    with PowerSampler() as power:  # jtop or tegrastats on a Jetson; a no-op elsewhere
+        times = time_loop(lambda: model.run(x), cfg.warmup, cfg.iterations, cfg.duration)
+    row = latency_stats(times, bs)
+    if power.mean_watts:
+        row["watts"] = power.mean_watts
+        row["images_per_watt"] = row["throughput_ips"] / power.mean_watts
+        row["power_method"] = f"{power.source}: {power.summary['method']}"
+    elif power.source:
+        row["power_method"] = f"{power.source}: no reading ({power.summary['reason']})"
+    return row
+
+
+def _end_to_end(model, jpeg_bytes: list, bs: int, cfg: BenchConfig) -> dict:
+    """JPEG bytes -> labels at batch ``bs``: decode, resize, normalise, run, softmax."""
+    from .model import softmax
+    from .preprocess import preprocess_images
+
+    batch_bytes = [jpeg_bytes[i % len(jpeg_bytes)] for i in range(bs)]
+    pre = model.preprocess
+
+    def e2e():
+        px = preprocess_images(batch_bytes, pre, strict=False)
+        p = softmax(model.run(px))
+        return [model.classes[i] for i in p.argmax(1)]
+
+    stats = latency_stats(time_loop(e2e, max(1, cfg.warmup // 2), cfg.iterations, cfg.duration), bs)
+    return {f"e2e_{k}": v for k, v in stats.items() if k != "iterations"}
 
 
 def _loadavg() -> Optional[float]:
@@ -208,14 +235,16 @@ def _ram_gb() -> Optional[float]:
         return None
 
 
-def library_versions() -> dict:
-    """Versions that change the figures: this runtime and every inference library present (not imported)."""
+def library_versions(extra: Sequence[str] = ()) -> dict:
+    """Versions that change the figures: this runtime and every inference library present (not imported), then
+    the distributions named in ``extra`` (export and training add torch, onnx...); None for one not installed."""
     from importlib import metadata
 
     from . import __version__
 
     out = {"python": platform.python_version(), "edgeconv-runtime": __version__}
-    for dist in ("edgeconv", "numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-cu12", "tensorrt-cu13", "openvino", "pillow"):
+    for dist in ("edgeconv", "numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-cu12", "tensorrt-cu13", "openvino", "pillow",
+                 *extra):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -25,7 +25,7 @@ def _ints(s: str) -> list:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a comma list of whole numbers, got {s!r}")
     if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be whole numbers >= 1, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected whole numbers >= 1, got {s!r}")
     return vals
 
 
@@ -90,7 +90,7 @@ def build_parser(prog: str = "edgeconv-runtime") -> argparse.ArgumentParser:
     _max_pixels(sp)
 
     sp = sub.add_parser("bench", help="latency/throughput per backend x precision x batch size")
-    sp.add_argument("bundle")
+    sp.add_argument("bundle", help="bundle directory, or any .onnx file (random inputs, or --data images)")
     sp.add_argument("--backend", type=_list, default=["auto"], help="comma list")
     sp.add_argument("--precision", type=_list, default=["fp32"], help="comma list of fp32, fp16, int8")
     sp.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32])
@@ -99,7 +99,8 @@ def build_parser(prog: str = "edgeconv-runtime") -> argparse.ArgumentParser:
     g.add_argument("--iterations", type=int, default=None)
     g.add_argument("--duration", type=float, default=None, help="seconds per measurement (default 2)")
     sp.add_argument("--threads", type=int, default=None)
-    sp.add_argument("--data", default=None, help="class-folder images: report accuracy beside speed")
+    sp.add_argument("--data", default=None, help="class-folder images: report accuracy beside speed (a plain .onnx file: its inputs)")
+    sp.add_argument("--shape", type=_ints, default=None, help="a plain .onnx file with open input dimensions: one item's shape, e.g. 3,224,224")
     sp.add_argument("--no-e2e", action="store_true", help="skip end-to-end (JPEG bytes -> label) timing")
     sp.add_argument("--json", dest="json_path", default=None)
     sp.add_argument("--csv", dest="csv_path", default=None)
@@ -232,7 +233,7 @@ def run(argv: Optional[Sequence[str]] = None, prog: str = "edgeconv-runtime") ->
         if args.iterations is None and args.duration is None:
             args.duration = 2.0
         cfg = BenchConfig(args.bundle, args.backend, args.precision, args.batch_sizes, args.warmup, args.iterations, args.duration,
-                          args.threads, args.data, not args.no_e2e)
+                          args.threads, args.data, not args.no_e2e, shape=tuple(args.shape) if args.shape else None)
         result = run_bench(cfg)
         write_outputs(result, args.json_path, args.csv_path, args.plot_path)
         print(format_table(result))
@@ -251,6 +252,8 @@ def run(argv: Optional[Sequence[str]] = None, prog: str = "edgeconv-runtime") ->
 
     model = Model.load(args.bundle, backend=args.backend, precision=args.precision, threads=args.threads)
     if args.command == "predict":
+        if model.info.get("note"):
+            print(f"note: {model.info['note']}", file=sys.stderr)
         if args.source:
             return _predict_stream(model, args)
         preds = model.predict(args.images, top_k=args.top_k, batch_size=args.batch or 32)

@@ -11,10 +11,10 @@ import numpy as np
 from .backends import auto_order, available_backends, create_backend, precision_problem
 from .bundle import ENGINE_SUFFIXES, Bundle, bundle_from_onnx_metadata, read_bundle
 from .errors import BackendUnavailable, EdgeconvError, first_line
-from .manifest import MANIFEST_NAME, PRECISIONS, RUNTIME_PRECISIONS
+from .manifest import MANIFEST_NAME, PRECISIONS, RUNTIME_PRECISIONS, Manifest
 from .parity import PREPROCESS_MAX_ABS_DIFF, device_tolerance, parity_report, tolerance_problems
 from .prediction import Prediction
-from .preprocess import IMAGE_SOURCE_TYPES, load_pixels, normalize, preprocess_images
+from .preprocess import IMAGE_SOURCE_TYPES, Preprocess, load_pixels, normalize, preprocess_images
 
 # runtime precisions that run another precision's artifact: bf16 = the FP32 ONNX under OpenVINO's bf16 hint
 ARTIFACT_PRECISION = {"bf16": "fp32"}
@@ -28,7 +28,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _precision_of(path: Path) -> str:
+def precision_of(path: Path) -> str:
     parts = path.name.lower().split(".")
     return next((p for p in parts if p in PRECISIONS), "fp32")
 
@@ -86,6 +86,44 @@ def graph_mismatch(bundle: Bundle, backend) -> Optional[str]:
         return (f"the model graph outputs {got_out} but manifest.json lists {n} classes; "
                 "the manifest does not belong to this model: re-export the bundle")
     return None
+
+
+def plain_bundle(path: Path, backend) -> tuple:
+    """(bundle, info) for an ONNX file without labels or preprocessing: classes are the output indices, images are
+    stretched to the graph's size and scaled to [0, 1]. Refused in one line where the graph is no NCHW image classifier."""
+    shapes = _graph_shapes(backend)
+    got_in, got_out = shapes if shapes else ([], [])
+    fix = f"give it labels and preprocessing with `edgeconv import {path.name} ...`"
+    if len(got_in) == 4 and got_in[3] in (1, 3) and got_in[1] not in (1, 3):
+        raise EdgeconvError(f"{path.name} takes NHWC input {got_in}; images are fed NCHW: {fix} --layout nhwc")
+    if len(got_in) != 4 or got_in[1] not in (1, 3):
+        raise EdgeconvError(f"{path.name} takes input {got_in}, not images [N, C, H, W]; `edgeconv-runtime bench {path.name}` runs any graph")
+    if not all(isinstance(d, int) for d in got_in[2:]):
+        raise EdgeconvError(f"{path.name} takes images of any height/width {got_in}; {fix} --size H,W")
+    if len(got_out) != 2 or not isinstance(got_out[1], int):
+        raise EdgeconvError(f"{path.name} outputs {got_out}, not one score per class [N, classes]; `edgeconv-runtime bench {path.name}` runs any graph")
+    pre = Preprocess(size=tuple(got_in[2:]), channels=got_in[1])
+    classes = [str(i) for i in range(got_out[1])]
+    bundle = Bundle(path.parent, Manifest(name=path.stem, classes=classes, preprocess=pre.to_dict()), pre, classes)
+    note = (f"{path.name} carries no labels or preprocessing: classes are output indices, images are stretched to "
+            f"{got_in[2]}x{got_in[3]} and scaled to [0, 1]; {fix}")
+    return bundle, {"plain": True, "fixed_batch": got_in[0] if isinstance(got_in[0], int) else None, "note": note}
+
+
+def _onnx_file_bundle(path: Path, backend) -> tuple:
+    """(bundle, info) for a single .onnx file: its bundle's manifest, its edgeconv metadata, or none (a plain graph)."""
+    meta = backend.session.get_modelmeta().custom_metadata_map if hasattr(backend, "session") else {}
+    info: dict = {}
+    if (path.parent / MANIFEST_NAME).is_file():
+        bundle = read_bundle(path.parent)
+    elif "edgeconv.classes" in meta:
+        bundle = bundle_from_onnx_metadata(path, meta)
+    else:
+        bundle, info = plain_bundle(path, backend)
+    problem = graph_mismatch(bundle, backend)
+    if problem:
+        raise EdgeconvError(problem)
+    return bundle, info
 
 
 def _is_single(images) -> bool:
@@ -186,22 +224,18 @@ class Model:
         if path.suffix in ENGINE_SUFFIXES:
             bundle = read_bundle(path.parent)
             be = create_backend("tensorrt" if backend == "auto" else backend, str(path), threads)
-            return cls(bundle, be, precision or _precision_of(path), path, time.perf_counter() - t0)
+            return cls(bundle, be, precision or precision_of(path), path, time.perf_counter() - t0)
         if path.suffix != ".onnx":
             raise EdgeconvError(f"{src} is neither a bundle directory, a .onnx file nor a TensorRT engine (.plan)")
         name = "onnxruntime-cpu" if backend == "auto" else backend
-        precision = precision or _precision_of(path)
+        precision = precision or precision_of(path)
         be = create_backend(name, str(path), threads, spin, precision=precision, batch_profile=batch_profile, cache_dir=cache_dir)
-        meta = be.session.get_modelmeta().custom_metadata_map if hasattr(be, "session") else {}
-        if (path.parent / MANIFEST_NAME).is_file():
-            bundle = read_bundle(path.parent)
-        else:
-            bundle = bundle_from_onnx_metadata(path, meta)
-        problem = graph_mismatch(bundle, be)
-        if problem:
+        try:
+            bundle, info = _onnx_file_bundle(path, be)
+        except EdgeconvError:
             be.close()
-            raise EdgeconvError(problem)
-        return cls(bundle, be, precision, path, time.perf_counter() - t0)
+            raise
+        return cls(bundle, be, precision, path, time.perf_counter() - t0, info=info)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -247,10 +281,15 @@ class Model:
         if not items:
             raise EdgeconvError("predict() got no images")
         k = max(1, min(top_k, len(self.classes)))
+        fixed = self.info.get("fixed_batch")
+        batch_size = fixed or batch_size
         results = []
         for b in range(0, len(items), batch_size):
             chunk = items[b : b + batch_size]
-            probs = softmax(self.backend.infer(self.preprocess_images(chunk, channel_order)).astype(np.float64))
+            x = self.preprocess_images(chunk, channel_order)
+            if fixed and len(x) < fixed:  # a graph exported for one batch size: pad the last batch
+                x = np.concatenate([x, np.repeat(x[-1:], fixed - len(x), axis=0)])
+            probs = softmax(self.backend.infer(x)[: len(chunk)].astype(np.float64))
             for src, p in zip(chunk, probs):
                 idx = np.argsort(-p)[:k]
                 results.append(Prediction([self.classes[i] for i in idx], [float(p[i]) for i in idx], [int(i) for i in idx],
@@ -313,6 +352,9 @@ class Model:
         """Re-run the bundle's reference inputs here; ``ok`` is False outside the precision's tolerance."""
         ref = self.bundle.manifest.reference
         if not ref or "inputs" not in ref or "outputs" not in ref:
+            if self.info.get("plain"):
+                raise EdgeconvError(f"{self.artifact.name} is a plain ONNX file with no reference inputs and outputs to verify against; "
+                                    f"`edgeconv import {self.artifact.name} ...` writes a bundle that has them")
             raise EdgeconvError("this model has no reference tensors to verify against; load the bundle directory written by `edgeconv export`")
         try:
             x = np.load(self.bundle.path(ref["inputs"]), allow_pickle=False)

@@ -19,7 +19,8 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import EdgeconvError, ImageTooLarge, UnsupportedImage
 
-RESIZE_POLICIES = ("stretch", "shorter_center_crop")
+RESIZE_POLICIES = ("stretch", "shorter_center_crop", "letterbox")
+LETTERBOX_FILL = 114  # grey bars around a letterboxed image (the YOLO / Ultralytics value)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
@@ -34,7 +35,8 @@ class Preprocess:
 
     ``stretch`` resizes straight to ``size`` (Keras' ``flow_from_directory``, the book's
     policy); ``shorter_center_crop`` resizes the shorter side to ``size / crop_pct`` and
-    crops the centre (the ImageNet evaluation policy). Pixels are scaled by ``scale`` then
+    crops the centre (the ImageNet evaluation policy); ``letterbox`` fits the whole image
+    inside ``size`` keeping its aspect ratio and pads the rest with grey (LETTERBOX_FILL). Pixels are scaled by ``scale`` then
     normalised with ``mean``/``std`` per channel; layout NCHW, channel order RGB or L.
     """
 
@@ -249,7 +251,7 @@ def draft_size(pre: "Preprocess") -> tuple | None:
     if not pre.jpeg_draft:
         return None
     h, w = pre.size
-    if pre.resize == "stretch":
+    if pre.resize in ("stretch", "letterbox"):
         return (w, h)
     short = int(round(min(h, w) / pre.crop_pct))
     return (short, short)
@@ -285,6 +287,8 @@ def resize_image(img: Image.Image, pre: Preprocess) -> Image.Image:
         if img.size != (w, h):
             img = img.resize((w, h), resample)
         return img
+    if pre.resize == "letterbox":
+        return _letterbox(img, w, h, resample)
     # shorter_center_crop: shorter side to size/crop_pct, then centre crop
     short = int(round(min(h, w) / pre.crop_pct))
     iw, ih = img.size
@@ -316,6 +320,20 @@ def load_pixels(src: ImageSource, pre: Preprocess, strict: bool = True, name: st
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return arr
+
+
+def _letterbox(img: Image.Image, w: int, h: int, resample) -> Image.Image:
+    """The whole image scaled to fit inside w x h, centred on grey bars."""
+    iw, ih = img.size
+    k = min(w / iw, h / ih)
+    nw, nh = max(1, int(round(iw * k))), max(1, int(round(ih * k)))
+    if (nw, nh) != (iw, ih):
+        img = img.resize((nw, nh), resample)
+    if (nw, nh) == (w, h):
+        return img
+    canvas = Image.new(img.mode, (w, h), (LETTERBOX_FILL,) * len(img.getbands()))
+    canvas.paste(img, ((w - nw) // 2, (h - nh) // 2))
+    return canvas
 
 
 def normalize(pixels: np.ndarray, pre: Preprocess) -> np.ndarray:

@@ -1,0 +1,114 @@
+"""Plain ONNX files (no bundle, no edgeconv metadata) for `bench`: any graph with a static or --shape-given input,
+fed random inputs or the images of --data, as trtexec and Polygraphy run them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .errors import EdgeconvError
+
+ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64, "tensor(uint8)": np.uint8,
+               "tensor(int8)": np.int8, "tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
+
+
+@dataclass
+class BenchTarget:
+    """What `bench` measures: a bundle (its reference inputs and images), or a plain ONNX file (random or --data inputs)."""
+
+    name: str
+    sha256: str
+    inputs: np.ndarray  # one model input per row, tiled to each batch size
+    load: Callable  # (backend, precision) -> a model with run(), backend_name, backend, close()
+    jpeg_bytes: list = field(default_factory=list)
+    batch_sizes: Optional[list] = None  # a graph that fixes its batch size runs only that one
+    accuracy: Optional[Callable] = None  # model -> accuracy on --data
+
+
+class PlainGraph:
+    """An ONNX file run as it is by one backend (``auto``: ONNX Runtime on the CPU), at its own precision."""
+
+    def __init__(self, path: Path, backend: str, precision: str, threads: Optional[int]):
+        from .backends import create_backend
+        from .model import precision_of
+
+        own = precision_of(path)
+        name = "onnxruntime-cpu" if backend == "auto" else backend
+        if precision != own and name not in ("onnxruntime-tensorrt",):
+            raise EdgeconvError(f"{path.name} is a plain {own} graph and {name} runs it as it is; bench it with --precision {own} "
+                                f"(`edgeconv import` makes fp16 and int8 artifacts)")
+        self.backend = create_backend(name, str(path), threads, precision=precision)
+        self.backend_name = self.backend.name
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.backend.infer(x)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def graph_input(path: Path) -> tuple:
+    """(name, dims with None where symbolic, numpy dtype) of the graph's first input."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        inp = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).get_inputs()[0]
+    except Exception as exc:  # not ONNX, or a graph ONNX Runtime refuses
+        raise EdgeconvError(f"ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0][:160]}") from exc
+    if inp.type not in ONNX_DTYPES:
+        raise EdgeconvError(f"{path.name} takes {inp.type}; bench feeds numeric tensors")
+    return inp.name, [d if isinstance(d, int) else None for d in inp.shape], ONNX_DTYPES[inp.type]
+
+
+def item_shape(path: Path, dims: list, shape: Optional[tuple]) -> tuple:
+    """One item's input shape (no batch): the graph's, with --shape filling (and checked against) its dimensions."""
+    graph = ",".join("?" if d is None else str(d) for d in dims[1:])
+    if shape is None:
+        if None in dims[1:]:
+            raise EdgeconvError(f"{path.name} leaves input dimensions open (batch,{graph}); pass --shape with one item's shape, e.g. "
+                                f"--shape {','.join('224' if d is None else str(d) for d in dims[1:])}")
+        return tuple(dims[1:])
+    if len(shape) != len(dims) - 1 or any(d is not None and d != s for d, s in zip(dims[1:], shape)):
+        raise EdgeconvError(f"--shape {','.join(map(str, shape))} does not fit the graph's input (batch,{graph}); give one item's shape")
+    return tuple(shape)
+
+
+def image_inputs(folder: str, item: tuple, n: int) -> np.ndarray:
+    """Up to ``n`` images of --data stretched to the graph's size, scaled to [0, 1], in its layout (NCHW or NHWC)."""
+    from .preprocess import IMAGE_EXTENSIONS, Preprocess, load_pixels, normalize
+
+    nchw = len(item) == 3 and item[0] in (1, 3)
+    if len(item) != 3 or not (nchw or item[2] in (1, 3)):
+        raise EdgeconvError(f"--data gives images, but the graph takes items of shape {list(item)}; leave --data out for random inputs")
+    channels, size = (item[0], item[1:]) if nchw else (item[2], item[:2])
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())[:n] if root.is_dir() else []
+    if not files:
+        raise EdgeconvError(f"--data {folder} holds no images; pass a folder of images")
+    pre = Preprocess(size=size, channels=channels)
+    x = normalize(np.stack([load_pixels(f, pre, strict=False) for f in files]), pre)
+    return x if nchw else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+
+def graph_target(cfg) -> BenchTarget:
+    """`bench FILE.onnx`: random inputs (seeded) or --data images; no labels, so no accuracy."""
+    from .fileio import sha256_file
+
+    path = Path(cfg.bundle)
+    if not path.is_file():
+        raise EdgeconvError(f"model not found: {cfg.bundle}; pass a bundle directory or an .onnx file")
+    _, dims, dtype = graph_input(path)
+    item = item_shape(path, dims, cfg.shape)
+    n = max(cfg.batch_sizes) if dims[0] is None else dims[0]
+    if cfg.data:
+        x = image_inputs(cfg.data, item, n).astype(dtype)
+    elif np.issubdtype(dtype, np.floating):
+        x = np.random.default_rng(0).standard_normal((n, *item)).astype(dtype)
+    else:
+        x = np.random.default_rng(0).integers(0, 2 if dtype == np.bool_ else 100, (n, *item)).astype(dtype)
+    return BenchTarget(path.stem, sha256_file(path), x, lambda backend, precision: PlainGraph(path, backend, precision, cfg.threads),
+                       batch_sizes=None if dims[0] is None else [dims[0]])
