@@ -51,18 +51,10 @@ class Batcher:
             self.task.cancel()
         self.executor.shutdown(wait=True)
 
-    def reserve(self, n: int) -> None:
-        """Admission control: take ``n`` queue places before any decoding, or raise QueueFull.
-
-        Rejecting before the decode keeps an overloaded server's CPU for the requests it
-        accepted and its memory bounded by the queue, not by the number of connections.
-        """
-        if self.pending + n > self.max_queue:
-            raise QueueFull()
-        self.pending += n
-
     async def admit(self, n: int, wait_s: float) -> None:
-        """Like reserve, but a request that finds the queue full waits up to ``wait_s`` for places, first come first
+        """Admission control: take ``n`` queue places before any decoding, or raise QueueFull. Rejecting before the
+        decode keeps an overloaded server's CPU for the requests it accepted and its memory bounded by the queue, not by
+        the number of connections. A request that finds the queue full waits up to ``wait_s`` for places, first come first
         served, before QueueFull. The wait costs no CPU, so clients that retry at once on 503 are slowed to the pace
         the server can serve instead of spinning the event loop with rejections (goodput stays near capacity)."""
         if n > self.max_queue:
