@@ -66,6 +66,14 @@ def node_count(path_or_model) -> int:
     return len(m.graph.node)
 
 
+def opset_of(path: Path) -> int:
+    """The default-domain opset a graph is written in."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def simplify(src: Path, dst: Path) -> bool:
     """Simplify with onnxslim; returns False (and writes nothing) when it is unavailable or fails."""
     try:
