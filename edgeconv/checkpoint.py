@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -15,15 +14,6 @@ from edgeconv_runtime.preprocess import Preprocess
 FORMAT = "edgeconv.checkpoint"
 VERSION = 1
 CHECKPOINT_NAME = "model.pt"
-
-
-def library_versions() -> dict:
-    import platform
-
-    import numpy
-    import torchvision
-
-    return {"python": platform.python_version(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "numpy": str(numpy.__version__)}
 
 
 def weights_sha256(state_dict: dict) -> str:
@@ -106,7 +96,3 @@ def model_from_checkpoint(ck: dict) -> tuple:
                             "the checkpoint is damaged or was edited: retrain or restore it") from exc
     model.eval()
     return model, pre
-
-
-def describe(ck: dict) -> dict[str, Any]:
-    return {k: v for k, v in ck.items() if k != "state_dict"}

@@ -1,12 +1,13 @@
 """The ``edgeconv`` command: thin click wrappers over library functions."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import os
 import sys
-from pathlib import Path
+from typing import Callable, Optional
 
 import click
 
@@ -59,48 +60,81 @@ def models_cmd(as_json: bool) -> None:
         click.echo(f"{r['name']:<22} {r['parameters']:>12,} {r['input']:>11} {r['classes']:>7}  {r['description']}")
 
 
-def train_options(fn):
-    opts = [
-        click.option("--data", default=None, help="Image-folder root, IDX directory, mnist-5k or fashion-mnist."),
-        click.option("--model", "model_name", default=None, help="Model name (see `edgeconv models`)."),
-        click.option("--epochs", type=int, default=10, show_default=True),
-        click.option("--out", default=None, type=click.Path(file_okay=False), help="Run directory to write."),
-        click.option("--resume", "resume_dir", default=None, type=click.Path(file_okay=False), help="Continue the run in this directory from its last epoch."),
-        click.option("--test-data", default=None, help="Take the test split from here (e.g. the official MNIST t10k files)."),
-        click.option("--batch-size", type=int, default=None, help="Default: the model's."),
-        click.option("--optimizer", type=click.Choice(["rmsprop", "adam", "adamw", "sgd"]), default=None, help="Default: the model's."),
-        click.option("--lr", type=float, default=None, help="Learning rate. Default: the model's."),
-        click.option("--weight-decay", type=float, default=0.0, show_default=True),
-        click.option("--lr-schedule", type=click.Choice(["none", "cosine", "onecycle"]), default="none", show_default=True),
-        click.option("--augment/--no-augment", default=False, show_default=True, help="The book's augmentation (rotation, shifts, shear, zoom, flip)."),
-        click.option("--augment-preset", type=click.Choice(["book", "light", "digits"]), default=None, help="Default: the model's (digits: no flips)."),
-        click.option("--dropout", type=float, default=None, help="Dropout before the dense head. Default: the model's."),
-        click.option("--downsample", type=click.Choice(["max", "avg", "stride"]), default=None, help="Downsampling in the book's convnets (default max)."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--patience", type=int, default=None, help="Early stopping: epochs without a better validation loss."),
-        click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Carved from train when there is no validation split."),
-        click.option("--size", type=int, default=None, help="Square input size for image folders. Default: the model's."),
-        click.option("--resize", type=click.Choice(["stretch", "shorter_center_crop"]), default=None,
-                     help="Resize policy: stretch the whole image (the book's) or crop the centre after resizing the shorter side. Default: the model's."),
-        click.option("--label-smoothing", type=float, default=0.0, show_default=True),
-        click.option("--threads", type=int, default=None, help="torch CPU threads."),
-        click.option("--force", is_flag=True, help="Overwrite a run directory that already holds a model."),
-        click.option("--strategy", type=click.Choice(["scratch", "feature-extract", "fine-tune"]), default=None,
-                     help="Pretrained backbones: feature-extract (default), fine-tune, or scratch (random weights)."),
-        click.option("--unfreeze", type=int, default=3, show_default=True, help="fine-tune: top blocks to unfreeze in phase 2."),
-        click.option("--head-epochs", type=int, default=10, show_default=True, help="fine-tune: phase 1 epochs (head only)."),
-        click.option("--head-augment/--no-head-augment", default=True, show_default=True,
-                     help="fine-tune with --augment: augment phase 1 too (the book's); --no-head-augment trains the head on cached features in seconds."),
-        click.option("--fine-tune-lr", type=float, default=None, help="fine-tune: phase 2 learning rate (default --lr / 10)."),
-        click.option("--ema", type=float, default=None, help="fine-tune: validate and keep an exponential moving average of phase-2 weights with this decay (e.g. 0.99)."),
-        click.option("--weights", type=click.Path(), default=None, help="Local ImageNet weights file for a backbone (offline use)."),
-        click.option("--channels-last/--no-channels-last", default=True, show_default=True, help="NHWC layout for RGB models (faster CPU convolutions)."),
-        click.option("--bf16", is_flag=True, help="bfloat16 autocast in training where the CPU supports it (avx512_bf16/amx)."),
-        click.option("--export", "export_targets", default=None, help="Export after training, e.g. onnx,int8 (bundle in OUT/bundle)."),
+class DeferredOptions(click.Command):
+    """A command whose options are built the first time it parses or prints help, not when this module is imported:
+    their defaults and choices come from the dataclasses and names they fill (TrainConfig, DemoConfig, ExportRequest),
+    whose modules import torch, and `edgeconv --version` or `edgeconv predict` must not pay for that."""
+
+    def __init__(self, *args, options: Callable[[], list], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._options: Optional[Callable[[], list]] = options
+
+    def get_params(self, ctx: click.Context) -> list:
+        if self._options is not None:
+            self.params = [*self._options(), *self.params]
+            self._options = None
+        return super().get_params(ctx)
+
+
+def field_defaults(cls) -> dict:
+    """{field name: default} of a dataclass's fields that have a plain default."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def field_option(defaults: dict, name: str, *decls: str, **attrs) -> click.Option:
+    """The option filling field ``name`` (``--name`` unless ``decls`` say otherwise) with that field's default,
+    shown in --help when it is not None."""
+    attrs.setdefault("show_default", defaults[name] is not None)
+    return click.Option([*(decls or (f"--{name.replace('_', '-')}",)), name], default=defaults[name], **attrs)
+
+
+def train_options() -> list:
+    from edgeconv_runtime.preprocess import RESIZE_POLICIES
+
+    from .augment import PRESETS
+    from .models.chollet import DOWNSAMPLING
+    from .training import TrainConfig
+    from .training.config import OPTIMIZERS, SCHEDULES, STRATEGIES
+
+    d = field_defaults(TrainConfig) | {"data": None, "model": None, "out": None}  # required, but not with --resume
+    o = functools.partial(field_option, d)
+    return [
+        o("data", help="Image-folder root, IDX directory, mnist-5k or fashion-mnist."),
+        o("model", help="Model name (see `edgeconv models`)."),
+        o("epochs"),
+        o("out", type=click.Path(file_okay=False), help="Run directory to write."),
+        click.Option(["--resume", "resume_dir"], type=click.Path(file_okay=False), help="Continue the run in this directory from its last epoch."),
+        o("test_data", help="Take the test split from here (e.g. the official MNIST t10k files)."),
+        o("batch_size", type=int, help="Default: the model's."),
+        o("optimizer", type=click.Choice(OPTIMIZERS), help="Default: the model's."),
+        o("lr", type=float, help="Learning rate. Default: the model's."),
+        o("weight_decay"),
+        o("lr_schedule", type=click.Choice(SCHEDULES)),
+        o("augment", "--augment/--no-augment", help="The book's augmentation (rotation, shifts, shear, zoom, flip)."),
+        o("augment_preset", type=click.Choice(list(PRESETS)), help="Default: the model's (digits: no flips)."),
+        o("dropout", type=float, help="Dropout before the dense head. Default: the model's."),
+        o("downsample", type=click.Choice(DOWNSAMPLING), help=f"Downsampling in the book's convnets (default {DOWNSAMPLING[0]})."),
+        o("seed"),
+        o("patience", type=int, help="Early stopping: epochs without a better validation loss."),
+        o("val_fraction", help="Carved from train when there is no validation split."),
+        o("size", type=int, help="Square input size for image folders. Default: the model's."),
+        o("resize", type=click.Choice(RESIZE_POLICIES),
+          help="Resize policy: stretch the whole image (the book's) or crop the centre after resizing the shorter side. Default: the model's."),
+        o("label_smoothing"),
+        o("threads", type=int, help="torch CPU threads."),
+        o("force", is_flag=True, show_default=False, help="Overwrite a run directory that already holds a model."),
+        o("strategy", type=click.Choice(STRATEGIES), help="Pretrained backbones: feature-extract (default), fine-tune, or scratch (random weights)."),
+        o("unfreeze", help="fine-tune: top blocks to unfreeze in phase 2."),
+        o("head_epochs", help="fine-tune: phase 1 epochs (head only)."),
+        o("head_augment", "--head-augment/--no-head-augment",
+          help="fine-tune with --augment: augment phase 1 too (the book's); --no-head-augment trains the head on cached features in seconds."),
+        o("fine_tune_lr", type=float, help="fine-tune: phase 2 learning rate (default --lr / 10)."),
+        o("ema", type=float, help="fine-tune: validate and keep an exponential moving average of phase-2 weights with this decay (e.g. 0.99)."),
+        o("weights", type=click.Path(), help="Local ImageNet weights file for a backbone (offline use)."),
+        o("channels_last", "--channels-last/--no-channels-last", help="NHWC layout for RGB models (faster CPU convolutions)."),
+        o("bf16", is_flag=True, show_default=False, help="bfloat16 autocast in training where the CPU supports it (avx512_bf16/amx)."),
+        click.Option(["--export", "export_targets"], help="Export after training, e.g. onnx,int8 (bundle in OUT/bundle)."),
     ]
-    for o in reversed(opts):
-        fn = o(fn)
-    return fn
 
 
 def interruptible() -> None:
@@ -114,32 +148,30 @@ def interruptible() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-@cli.command("train")
-@train_options
+@cli.command("train", cls=DeferredOptions, options=train_options)
 @user_errors
-def train_cmd(model_name: str | None, export_targets: str | None, resume_dir: str | None, **kw) -> None:
+def train_cmd(export_targets: Optional[str], resume_dir: Optional[str], **kw) -> None:
     """Train a model and write a run directory (model.pt, metrics.json, history, curves.png)."""
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     interruptible()
     if resume_dir:
-        result = train(TrainConfig(data="", model="", out=resume_dir), resume=True)
-        _report(result)
+        _report(train(TrainConfig(data="", model="", out=resume_dir), resume=True))
         return
-    missing = [f"--{n}" for n, v in (("data", kw["data"]), ("model", model_name), ("out", kw["out"])) if not v]
+    missing = [f"--{n}" for n in ("data", "model", "out") if not kw[n]]
     if missing:
         raise EdgeconvError(f"missing {', '.join(missing)}; `edgeconv train --data DATA --model NAME --out DIR` (or --resume DIR)")
-
     if export_targets:
         from .exporting import parse_targets
 
-        targets = parse_targets(export_targets)  # refuse bad targets before training, not after
-    result = train(TrainConfig(model=model_name, **kw))
+        formats, precisions = parse_targets(export_targets)  # refuse bad targets before training, not after
+    result = train(TrainConfig(**kw))
     _report(result)
     if export_targets and int(os.environ.get("RANK", "0")) == 0:
-        from .exporting import ExportRequest, export_run
+        from .exporting import ExportRequest, export_run, format_manifest
 
-        manifest = export_run(ExportRequest(checkpoint=str(result.out), out=str(result.out / "bundle"), formats=targets[0], precisions=targets[1], force=True))
+        manifest = export_run(ExportRequest(checkpoint=str(result.out), out=str(result.out / "bundle"), formats=formats, precisions=precisions,
+                                            force=True))
         click.echo(format_manifest(manifest.to_dict()))
 
 
@@ -156,77 +188,66 @@ def _report(result) -> None:
         sys.exit(130)
 
 
-@cli.command("demo")
-@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--epochs", type=int, default=30, show_default=True)
-@click.option("--test-data", default=None, help="Default: ../shared/data/mnist when present, else a split carved from mnist-5k.")
-@click.option("--json", "json_path", default=None, type=click.Path(), help="Also write the summary rows as JSON.")
+def demo_options() -> list:
+    from .pipeline import DemoConfig
+
+    o = functools.partial(field_option, field_defaults(DemoConfig))
+    return [
+        o("out", type=click.Path(file_okay=False)),
+        o("epochs"),
+        o("test_data", help="Default: ../shared/data/mnist when present, else a split carved from mnist-5k."),
+        o("json_path", "--json", type=click.Path(), help="Also write the summary rows as JSON."),
+    ]
+
+
+@cli.command("demo", cls=DeferredOptions, options=demo_options)
 @user_errors
-def demo_cmd(out: str, epochs: int, test_data: str | None, json_path: str | None) -> None:
+def demo_cmd(**kw) -> None:
     """The main job on its embedded default: chollet_mnist on mnist-5k, trained, exported
     (FP32 + INT8), verified and benchmarked against PyTorch eager."""
-    from edgeconv_runtime.fileio import atomic_write_json
+    from .pipeline import DemoConfig, run_demo, summary_table
 
-    from .exporting import ExportRequest, export_run
-    from .pipeline import evaluation_split, runtime_rows, summary_table, torch_eager_row
-    from .train import TrainConfig, train
-
-    if test_data is None:
-        for cand in (Path("../shared/data/mnist"), Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"):
-            if cand.is_dir():
-                test_data = str(cand)
-                break
-    click.echo(f"[1/4] train chollet_mnist on mnist-5k ({epochs} epochs), test on {test_data or 'a carved split'}")
-    cfg = TrainConfig(
-        data="mnist-5k", model="chollet_mnist", out=out, epochs=epochs, test_data=test_data,
-        optimizer="adam", lr=2e-3, lr_schedule="cosine", batch_size=64, augment=True, augment_preset="digits", dropout=0.25, force=True,
-    )
-    result = train(cfg)
-    m = result.metrics
-    click.echo(f"      test_accuracy {m['test_accuracy']}  val_accuracy {m['val_accuracy']:.4f}  {m['train_seconds']:.1f} s  {m['train_images_per_second']:.0f} img/s")
-    bundle = Path(out) / "bundle"
-    click.echo(f"[2/4] export FP32 + INT8 -> {bundle}")
-    manifest = export_run(ExportRequest(checkpoint=out, out=str(bundle), precisions=("fp32", "int8"), force=True))
-    click.echo(format_manifest(manifest.to_dict()))
-    x, y, split = evaluation_split(Path(out))
-    click.echo(f"[3/4] verify + [4/4] bench on this machine ({len(y)} {split} images for accuracy)")
-    rows = torch_eager_row(Path(out), x, y)
-    for precision in ("fp32", "int8"):
-        r, v = runtime_rows(bundle, precision, x, y)
-        rows += r
-        click.echo(f"      verify {precision}: {'OK' if v['ok'] else 'FAILED'} (max|diff| {v['max_abs_diff']:.2e}, top-1 agreement {v['top1_agreement']:.3f})")
+    result = run_demo(DemoConfig(**kw), progress=click.echo)
     click.echo("")
-    click.echo(summary_table(rows))
-    from .model_card import extend_card
-
-    extend_card(Path(out), bundle, export=[a.to_dict() for a in manifest.artifacts], benchmarks=rows)
-    if json_path:
-        atomic_write_json(json_path, {"train": m, "rows": rows})
-    click.echo(f"\nrun directory: {out}   bundle: {bundle}")
-    if not all(r.get("verify", "ok") == "ok" for r in rows):
-        sys.exit(1)
+    click.echo(summary_table(result.rows))
+    click.echo(f"\nrun directory: {result.out}   bundle: {result.bundle}")
+    sys.exit(result.exit_code)
 
 
-@cli.command("export")
+def export_options() -> list:
+    from edgeconv_export.bundle import FORMATS
+    from edgeconv_export.precision import CALIBRATION_METHODS
+    from edgeconv_runtime.manifest import PRECISIONS
+
+    from .exporting import ExportRequest
+
+    d = field_defaults(ExportRequest)
+    o = functools.partial(field_option, d)
+    return [
+        click.Option(["--out"], required=True, type=click.Path(), help="Bundle directory to write."),
+        click.Option(["--precision", "precision"], default=",".join(d["precisions"]), show_default=True,
+                     help=f"Comma list of {', '.join(PRECISIONS)}."),
+        click.Option(["--format", "fmt"], default=",".join(d["formats"]), show_default=True, help=f"Comma list of {', '.join(FORMATS)}."),
+        o("calib_data", type=click.Path(), help="Folder of real images for INT8 calibration (default: the training split)."),
+        o("calib_size", help="Calibration images (all if fewer)."),
+        o("calibration_method", "--calib-method", type=click.Choice(CALIBRATION_METHODS)),
+        o("val_data", help="Parity images (default: the checkpoint's validation split)."),
+        o("opset"),
+        o("max_accuracy_drop", help="Points an FP16/INT8 artifact may lose vs FP32."),
+        o("batch_min", help="TensorRT profile."),
+        o("batch_opt"),
+        o("batch_max"),
+        o("timing_cache", type=click.Path(), help="TensorRT timing cache file, reused across builds."),
+        o("force", is_flag=True, show_default=False, help="Replace an existing bundle (only once the new one is complete)."),
+    ]
+
+
+@cli.command("export", cls=DeferredOptions, options=export_options)
 @click.argument("checkpoint", type=click.Path())
-@click.option("--out", required=True, type=click.Path(), help="Bundle directory to write.")
-@click.option("--precision", "precision", default="fp32", show_default=True, help="Comma list of fp32, fp16, int8.")
-@click.option("--format", "fmt", default="onnx", show_default=True, help="Comma list of onnx, tensorrt.")
-@click.option("--calib-data", default=None, type=click.Path(), help="Folder of real images for INT8 calibration (default: the training split).")
-@click.option("--calib-size", default=500, show_default=True, type=int, help="Calibration images (all if fewer).")
-@click.option("--calib-method", default="minmax", show_default=True, type=click.Choice(["minmax", "entropy", "percentile"]))
-@click.option("--val-data", default=None, help="Parity images (default: the checkpoint's validation split).")
-@click.option("--opset", default=17, show_default=True, type=int)
-@click.option("--max-accuracy-drop", default=1.0, show_default=True, type=float, help="Points an FP16/INT8 artifact may lose vs FP32.")
-@click.option("--batch-min", default=1, show_default=True, type=int, help="TensorRT profile.")
-@click.option("--batch-opt", default=8, show_default=True, type=int)
-@click.option("--batch-max", default=32, show_default=True, type=int)
-@click.option("--timing-cache", default=None, type=click.Path(), help="TensorRT timing cache file, reused across builds.")
-@click.option("--force", is_flag=True, help="Replace an existing bundle (only once the new one is complete).")
 @user_errors
-def export_cmd(checkpoint, out, precision, fmt, **kw) -> None:
+def export_cmd(checkpoint: str, out: str, precision: str, fmt: str, **kw) -> None:
     """Export a trained model to a self-describing bundle, checking parity on real images."""
-    from .exporting import ExportRequest, export_run, parse_targets
+    from .exporting import ExportRequest, export_run, format_manifest, parse_targets
 
     formats, _ = parse_targets(fmt)
     _, precisions = parse_targets(precision)
@@ -234,18 +255,53 @@ def export_cmd(checkpoint, out, precision, fmt, **kw) -> None:
     click.echo(format_manifest(manifest.to_dict()))
 
 
-def format_manifest(m: dict) -> str:
-    lines = [f"bundle {m['name']}: {len(m['classes'])} classes, input {m['input']['shape']}, parity on {m['parity']['images']} real images, {m['export_seconds']:.1f} s"]
-    for a in m["artifacts"]:
-        p = a.get("parity") or {}
-        extra = ""
-        if p:
-            extra = f"  max|diff| {p['max_abs_diff']:.2e}  top1 agree {p['top1_agreement']:.4f}  acc {p['accuracy']:.4f}"
-        lines.append(f"  {a['file']:<20} {a['precision']:<5} {a['bytes'] / 1e6:8.2f} MB{extra}")
-    if m.get("triton"):
-        t = m["triton"]
-        lines.append(f"  Triton model repository: {t['file']} ({t['platform']}, {t['precision']}, max_batch_size {t['max_batch_size']})")
-    return "\n".join(lines)
+def import_options() -> list:
+    from edgeconv_export.importer import LAYOUTS, OUTPUT_KINDS, ImportRequest
+    from edgeconv_export.precision import CALIBRATION_METHODS
+    from edgeconv_runtime.preprocess import CHANNEL_ORDERS, RESIZE_POLICIES
+
+    o = functools.partial(field_option, field_defaults(ImportRequest))
+    return [
+        click.Option(["--out"], required=True, type=click.Path(), help="Bundle directory to write."),
+        o("labels", type=click.Path(), help="Class names, one a line, in the order of the model's outputs."),
+        click.Option(["--model", "model_name"], help="torchvision:NAME or timm:NAME instead of an ONNX file."),
+        click.Option(["--weights"], type=click.Path(), help="--model: local weights file (offline)."),
+        o("size", help="H,W input size (needed when the graph's height/width are dynamic)."),
+        o("mean", help="R,G,B mean after --scale, e.g. 0.485,0.456,0.406."),
+        o("std", help="R,G,B std after --scale, e.g. 0.229,0.224,0.225."),
+        o("channel_order", type=click.Choice(CHANNEL_ORDERS), help="Channel order the model takes."),
+        o("layout", type=click.Choice(LAYOUTS), help="Input layout. Default: read from the graph."),
+        o("resize", type=click.Choice(RESIZE_POLICIES)),
+        o("scale", type=float, help="Pixel scale before mean/std."),
+        o("calib_data", type=click.Path(), help="Folder of real images for INT8 calibration (and parity without --val-data)."),
+        o("val_data", type=click.Path(), help="Folder of real images for parity (class sub-folders named like the labels give accuracy)."),
+        o("calib_size", help="Calibration images (all if fewer)."),
+        o("val_size", help="Parity images (all if fewer)."),
+        o("precisions", "--precision", help="Comma list of fp32, fp16, int8. Default: fp32,fp16 (+int8 with --calib-data)."),
+        o("output", type=click.Choice(OUTPUT_KINDS), help="What the model outputs. Default: probabilities when it ends in Softmax."),
+        o("calib_method", type=click.Choice(CALIBRATION_METHODS)),
+        o("max_accuracy_drop", help="Points an FP16/INT8 artifact may lose vs the source."),
+        o("name", help="Model name in the bundle. Default: the file's stem."),
+        o("force", is_flag=True, show_default=False, help="Replace an existing bundle (only once the new one is complete)."),
+    ]
+
+
+@cli.command("import", cls=DeferredOptions, options=import_options)
+@click.argument("onnx_file", required=False, metavar="MODEL.onnx", type=click.Path())
+@user_errors
+def import_cmd(onnx_file: Optional[str], model_name: Optional[str], weights: Optional[str], **kw) -> None:
+    """Import a classifier edgeconv did not train (an ONNX file, or --model torchvision:NAME / timm:NAME) into a checked bundle."""
+    import time
+
+    from .exporting import format_manifest
+    from .importing import import_model
+
+    t0 = time.perf_counter()
+    manifest = import_model(onnx_file, model_name, weights, **kw)
+    for note in manifest.source.get("notes", []):
+        click.echo(f"note: {note}")
+    click.echo(format_manifest(manifest.to_dict()))
+    click.echo(f"imported in {time.perf_counter() - t0:.1f} s into {kw['out']}")
 
 
 def _runtime_passthrough(command: str):

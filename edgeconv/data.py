@@ -276,21 +276,28 @@ def _load_arrays(pair: tuple) -> tuple:
 
 
 def _decode_files(files: list, pre: Preprocess, workers: int) -> tuple:
-    """Decode ``files`` in a thread pool (PIL releases the GIL); unreadable ones are dropped.
+    """Decode ``files`` in a thread pool (PIL releases the GIL) straight into one uint8 array;
+    unreadable ones are dropped. No per-image list is stacked afterwards, so the split never
+    exists twice in memory.
 
     Returns (pixels of the readable files, their indices into ``files``).
     """
+    pixels = np.empty((len(files), *pre.size, pre.channels), dtype=np.uint8)
 
-    def decode(p):
+    def decode(i: int) -> bool:
         try:
-            return load_pixels(p, pre, strict=False)
+            pixels[i] = load_pixels(files[i], pre, strict=False)
         except EdgeconvError:
-            return None
+            return False
+        return True
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        decoded = list(pool.map(decode, files, chunksize=16))
-    keep = [i for i, px in enumerate(decoded) if px is not None]
-    return (np.stack([decoded[i] for i in keep]) if keep else None), keep
+        readable = list(pool.map(decode, range(len(files)), chunksize=16))
+    keep = [i for i, ok in enumerate(readable) if ok]
+    for j, i in enumerate(keep):  # close the gaps in place (j <= i): no second array
+        if j != i:
+            pixels[j] = pixels[i]
+    return (pixels[: len(keep)] if keep else None), keep
 
 
 def _decode_folder(split_dir: Path, folders: list, pre: Preprocess, workers: int) -> tuple:
@@ -413,6 +420,51 @@ def load_dataset(
         test_source=test_source,
         skipped=skipped,
     )
+
+
+@dataclass
+class ExportImages:
+    """What an export needs from a training source: the parity (validation) split, and a seeded
+    sample of training images for INT8 calibration (None when not asked for)."""
+
+    classes: list
+    val: Split
+    calibration: Optional[np.ndarray]
+    calibration_source: Optional[str]
+
+
+def load_export_images(data: str, pre: Preprocess, val_fraction: float = 0.1, seed: int = 0, calib_size: Optional[int] = None,
+                       workers: Optional[int] = None) -> ExportImages:
+    """The validation split as training saw it, and ``calib_size`` training images picked as
+    rng(0).choice over the training split, decoding no more than that: with a validation folder
+    neither the test split nor the rest of the training split is decoded (a third of the pixels
+    of the whole set at 1,000 + 500 of 4,000). A validation split carved from the training
+    images needs them all decoded first, so that case loads the whole dataset as training did."""
+    info = inspect_source(data)
+    workers = workers or min(4, os.cpu_count() or 1)
+    if info.kind != "image-folder" or "val" not in info.splits or "train" not in info.splits:
+        ds = load_dataset(data, pre, val_fraction=val_fraction, seed=seed, workers=workers, info=info)
+        calib, note = (None, None) if calib_size is None else _calibration_sample(ds.train.pixels, calib_size, ds.source)
+        return ExportImages(ds.classes, ds.val, calib, note)
+    val, _ = _load_split(info, "val", pre, workers)
+    if calib_size is None:
+        return ExportImages(list(info.classes), val, None, None)
+    files = [p for c in info.folders for p in _list_images(Path(info.splits["train"]) / c)]
+    idx = _sample(len(files), calib_size)
+    pixels, keep = _decode_files([files[i] for i in idx], pre, workers)
+    if not keep:
+        raise EdgeconvError(f"none of the {len(idx)} calibration images sampled from {shown(info.splits['train'])} is readable; pass --calib-data")
+    return ExportImages(list(info.classes), val, pixels, f"{info.path} (train split, {len(keep)} of {len(files)})")
+
+
+def _sample(n: int, k: int) -> np.ndarray:
+    """The calibration sample: ``k`` of ``n`` training images, seeded, in order."""
+    return np.sort(np.random.default_rng(0).choice(n, min(k, n), replace=False))
+
+
+def _calibration_sample(pixels: np.ndarray, k: int, source: str) -> tuple:
+    idx = _sample(len(pixels), k)
+    return pixels[idx], f"{source} (train split, {len(idx)} of {len(pixels)})"
 
 
 def load_images_recursive(path: str, pre: Preprocess, limit: Optional[int] = None, seed: int = 0, workers: Optional[int] = None) -> tuple:

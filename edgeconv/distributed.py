@@ -56,14 +56,6 @@ def all_sum(ctx: DistContext, values: list) -> list:
     return t.tolist()
 
 
-def broadcast_object(ctx: DistContext, obj):
-    if not ctx.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def shard_fn(ctx: DistContext, n: int, seed: int):
     """Per-epoch indices of this rank's share: DistributedSampler with the epoch as its seed offset."""
     from torch.utils.data import DistributedSampler

@@ -1,49 +1,31 @@
 """From a run directory to a bundle: rebuild the model, gather real images, call edgeconv_export."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
+from edgeconv_export.bundle import FORMATS, ExportInputs, ExportOptions
 from edgeconv_runtime.errors import EdgeconvError
-from edgeconv_runtime.fileio import sha256_file
-from edgeconv_runtime.preprocess import normalize
-
-from . import checkpoint as ckpt
-from .data import load_dataset, load_images_recursive
-
-log = logging.getLogger("edgeconv.export")
+from edgeconv_runtime.manifest import PRECISIONS
 
 DEFAULT_CALIB_SIZE = 500
 
 
-@dataclass
-class ExportRequest:
+@dataclass(kw_only=True)
+class ExportRequest(ExportOptions):
+    """The bundle's options (precisions, formats, opset, TensorRT profile...: one definition, ExportOptions')
+    plus the run to export and where its images come from."""
+
     checkpoint: str
     out: str
-    precisions: tuple = ("fp32",)
-    formats: tuple = ("onnx",)
-    calib_data: Optional[str] = None
+    calib_data: Optional[str] = None  # folder of real images for INT8 calibration; default: the training split
     calib_size: int = DEFAULT_CALIB_SIZE
-    calib_method: str = "minmax"
-    val_data: Optional[str] = None
-    opset: int = 17
-    max_accuracy_drop: float = 1.0
-    batch_min: int = 1
-    batch_opt: int = 8
-    batch_max: int = 32
-    timing_cache: Optional[str] = None
-    force: bool = False
+    val_data: Optional[str] = None  # parity images; default: the checkpoint's validation split
 
 
 def parse_targets(spec: str) -> tuple:
     """'onnx,int8' / 'fp16' / 'tensorrt' -> (formats, precisions); unknown names are errors."""
-    from edgeconv_export.bundle import FORMATS
-    from edgeconv_export.precision import PRECISIONS
-
     formats, precisions = [], []
     for tok in [t.strip().lower() for t in spec.split(",") if t.strip()]:
         if tok in FORMATS:
@@ -56,47 +38,54 @@ def parse_targets(spec: str) -> tuple:
 
 
 def export_run(req: ExportRequest):
-    """Export the checkpoint in ``req`` to a bundle; returns the manifest."""
-    from edgeconv_export.bundle import ExportInputs, ExportOptions, export_bundle
+    """Export the checkpoint in ``req`` to a bundle (or, with format triton, a Triton model repository); returns the manifest."""
+    from edgeconv_export.bundle import export_bundle
+    from edgeconv_export.triton import export_triton
 
-    opts = ExportOptions(precisions=req.precisions, formats=req.formats, opset=req.opset, calibration_method=req.calib_method,
-                         max_accuracy_drop=req.max_accuracy_drop, batch_min=req.batch_min, batch_opt=req.batch_opt,
-                         batch_max=req.batch_max, timing_cache=req.timing_cache, force=req.force)
-    opts.validate()
+    from . import checkpoint as ckpt
+    from .model_card import extend_card
+
+    req.validate()
     if Path(req.out).exists() and not req.force:
         raise EdgeconvError(f"{req.out} already exists; pass --force to replace it or choose another --out")
     path = ckpt.resolve_checkpoint(req.checkpoint)
+    inputs = export_inputs(req, path)
+    if "triton" in req.formats:
+        return export_triton(inputs, req.out, req)
+    manifest = export_bundle(inputs, req.out, req)
+    extend_card(path.parent, Path(req.out), export=[a.to_dict() for a in manifest.artifacts])
+    return manifest
+
+
+def export_inputs(req: ExportRequest, path: Path) -> ExportInputs:
+    """The checkpoint's model and preprocessing with real images: parity (validation split) and INT8 calibration."""
+    from edgeconv_export.bundle import NormalizedImages
+    from edgeconv_runtime.fileio import sha256_file
+
+    from . import checkpoint as ckpt
+    from .data import load_export_images
+
     ck = ckpt.load_checkpoint(path)
     model, pre = ckpt.model_from_checkpoint(ck)
     data = ck.get("data", {})
-    want_int8 = "int8" in req.precisions
-
     # parity images: the validation split recorded in the checkpoint, unless --val-data says otherwise
     source = req.val_data or data.get("source")
     if not source or (source not in ("mnist-5k", "fashion-mnist") and not Path(source).exists()):
         raise EdgeconvError(f"the checkpoint's training data ({source}) is not on this machine; pass --val-data (and --calib-data for INT8)")
-    ds = load_dataset(source, pre, val_fraction=data.get("val_fraction", 0.1), seed=data.get("seed", 0))
-    val = ds.val
-    if list(ds.classes) != list(ck["classes"]):
-        raise EdgeconvError(f"{source} has classes {ds.classes} but the model was trained on {ck['classes']}; pass matching --val-data")
-    val_x = normalize(val.pixels, pre)
-    calib_x, calib_source = None, None
-    if want_int8:
-        if req.calib_data:
-            pixels, _ = load_images_recursive(req.calib_data, pre, limit=req.calib_size, seed=0)
-            calib_source = str(Path(req.calib_data).resolve())
-        else:
-            n = len(ds.train)
-            idx = np.sort(np.random.default_rng(0).choice(n, min(req.calib_size, n), replace=False))
-            pixels = ds.train.pixels[idx]
-            calib_source = f"{ds.source} (train split, {len(idx)} of {n})"
-        calib_x = normalize(pixels, pre)
-    inputs = ExportInputs(
+    # only the images the export uses are decoded, and they stay uint8 until a batch needs them (NormalizedImages)
+    int8 = "int8" in req.precisions
+    imgs = load_export_images(source, pre, val_fraction=data.get("val_fraction", 0.1), seed=data.get("seed", 0),
+                              calib_size=req.calib_size if int8 and not req.calib_data else None)
+    val = imgs.val
+    if list(imgs.classes) != list(ck["classes"]):
+        raise EdgeconvError(f"{source} has classes {imgs.classes} but the model was trained on {ck['classes']}; pass matching --val-data")
+    calib_x, calib_source = _calibration_images(req, imgs, pre) if int8 else (None, None)
+    return ExportInputs(
         model=model,
         name=ck["model"]["name"],
         classes=list(ck["classes"]),
         preprocess=pre,
-        val_x=val_x,
+        val_x=NormalizedImages(val.pixels, pre),
         val_y=val.labels,
         calib_x=calib_x,
         reference_files=val.files or [],
@@ -112,23 +101,30 @@ def export_run(req: ExportRequest):
         },
         calibration_source=calib_source,
     )
-    if "triton" not in req.formats:
-        manifest = export_bundle(inputs, req.out, opts)
-        from .model_card import extend_card
 
-        extend_card(path.parent, Path(req.out), export=[a.to_dict() for a in manifest.artifacts])
-        return manifest
-    # Triton: build the bundle aside, then lay its artifact out as a model repository at --out
-    import tempfile
 
-    from edgeconv_export.triton import write_triton_repo
-    from edgeconv_runtime.fileio import atomic_directory
+def _calibration_images(req: ExportRequest, imgs, pre) -> tuple:
+    """(INT8 calibration images, where they came from): --calib-data, else the seeded sample of the training split."""
+    from edgeconv_export.bundle import NormalizedImages
 
-    opts.formats = tuple(f for f in req.formats if f != "triton") or ("onnx",)
-    with tempfile.TemporaryDirectory(prefix="edgeconv-triton-") as tmp:
-        manifest = export_bundle(inputs, Path(tmp) / "bundle", opts)
-        with atomic_directory(req.out, force=req.force) as repo:
-            prec = req.precisions[-1] if req.precisions else "fp32"
-            manifest.triton = write_triton_repo(Path(tmp) / "bundle", repo, precision=prec, engine="tensorrt" in opts.formats,
-                                                max_batch=req.batch_max)
-    return manifest
+    from .data import load_images_recursive
+
+    if req.calib_data:
+        pixels, _ = load_images_recursive(req.calib_data, pre, limit=req.calib_size, seed=0)
+        return NormalizedImages(pixels, pre), str(Path(req.calib_data).resolve())
+    return NormalizedImages(imgs.calibration, pre), imgs.calibration_source
+
+
+def format_manifest(m: dict) -> str:
+    """A manifest in a few lines: the bundle, then one line per artifact with its parity figures."""
+    lines = [f"bundle {m['name']}: {len(m['classes'])} classes, input {m['input']['shape']}, parity on {m['parity']['images']} real images, {m['export_seconds']:.1f} s"]
+    for a in m["artifacts"]:
+        p = a.get("parity") or {}
+        extra = ""
+        if p:
+            extra = f"  max|diff| {p['max_abs_diff']:.2e}  top1 agree {p['top1_agreement']:.4f}  acc {p['accuracy']:.4f}"
+        lines.append(f"  {a['file']:<20} {a['precision']:<5} {a['bytes'] / 1e6:8.2f} MB{extra}")
+    if m.get("triton"):
+        t = m["triton"]
+        lines.append(f"  Triton model repository: {t['file']} ({t['platform']}, {t['precision']}, max_batch_size {t['max_batch_size']})")
+    return "\n".join(lines)

@@ -8,6 +8,9 @@
 #                                                          fix brings the CUDA provider back
 #   half-fix  `pip uninstall onnxruntime` in that state -> `backends` says the module is gone and prints the
 #                                                          repair; running it brings the CUDA provider back
+#   toolkit  `pip install .` at the root (not editable) -> `edgeconv` and `edgeconv-runtime` run, the three packages
+#                                                          import from site-packages with their py.typed
+#   export   `pip install ./runtime ./export`            -> edgeconv_export imports
 # With a BUNDLE argument each venv also runs `verify` on it with onnxruntime-cpu.
 # Prints a pass/fail table; exits 1 if any check failed.
 #
@@ -98,6 +101,41 @@ else
     record "cpu: pip install ./runtime" FAIL "see $LOGS/cpu_install.log: $(tail -n 1 "$LOGS/cpu_install.log" | cut -c1-80)"
 fi
 
+# ---------------------------------------------------------------- toolkit: pip install . (from a clean copy)
+clean_copy() {  # dest: the sources a fresh clone holds, without build/ or egg-info left by earlier builds
+    rm -rf "$1" && mkdir -p "$1" &&
+        git ls-files -z --cached --others --exclude-standard pyproject.toml README.md edgeconv runtime export |
+        xargs -0 -I{} sh -c '[ -f "{}" ] && mkdir -p "$0/$(dirname "{}")" && cp "{}" "$0/{}" || true' "$1"
+}
+toolkit_imports() {  # venv: every package from site-packages, typed
+    (cd "$WORK" && "$1/bin/python" - <<'EOF'
+import importlib.resources as res, sysconfig
+for package in ("edgeconv", "edgeconv_runtime", "edgeconv_export"):
+    mod = __import__(package)
+    assert mod.__file__.startswith(sysconfig.get_paths()["purelib"]) and res.files(package).joinpath("py.typed").is_file(), package
+print("3 packages from site-packages, typed")
+EOF
+    )
+}
+V="$WORK/venv-toolkit"
+if clean_copy "$WORK/src" && fresh_venv "$V" >"$LOGS/toolkit_venv.log" 2>&1 &&
+    (cd "$WORK/src" && in_venv "$V" "pip install ." >"$LOGS/toolkit_install.log" 2>&1); then
+    record "toolkit: pip install ." ok "$("$V/bin/edgeconv" --version 2>&1), $("$V/bin/edgeconv-runtime" --version 2>&1)"
+    OUT=$(toolkit_imports "$V" 2>&1)
+    expect "toolkit: packages installed, typed" "$(tail -n 1 <<<"$OUT")" grep -q "typed" <<<"$OUT"
+    verify_bundle "$V" toolkit
+else
+    record "toolkit: pip install ." FAIL "see $LOGS/toolkit_install.log: $(tail -n 1 "$LOGS/toolkit_install.log" | cut -c1-80)"
+fi
+V="$WORK/venv-export"
+if fresh_venv "$V" >"$LOGS/export_venv.log" 2>&1 && in_venv "$V" "pip install ./runtime ./export" >"$LOGS/export_install.log" 2>&1; then
+    OUT=$(cd "$WORK" && "$V/bin/python" -c 'import edgeconv_export.bundle as b; print("edgeconv_export", b.FORMATS)' 2>&1)
+    expect "export: pip install ./runtime ./export" "$(tail -n 1 <<<"$OUT")" grep -q "^edgeconv_export" <<<"$OUT"
+else
+    record "export: pip install ./runtime ./export" FAIL "see $LOGS/export_install.log: $(tail -n 1 "$LOGS/export_install.log" | cut -c1-80)"
+fi
+rm -rf "$WORK/src"
+
 # ---------------------------------------------------------------- gpu: the documented NVIDIA command
 if [ "${HAS_GPU:-}" = True ]; then CUDA_WANT="^onnxruntime-cuda yes"; CUDA_SAYS="yes"; else CUDA_WANT="^onnxruntime-cuda no no NVIDIA GPU found$"; CUDA_SAYS="no NVIDIA GPU found"; fi
 V="$WORK/venv-gpu"
@@ -155,6 +193,6 @@ else
     record "gpu: documented command" FAIL "see $LOGS/gpu_install.log: $(tail -n 1 "$LOGS/gpu_install.log" | cut -c1-80)"
 fi
 
-[ "${INSTALL_CHECK_KEEP:-0}" = 1 ] || rm -rf "$WORK/venv-cpu" "$WORK/venv-gpu"
+[ "${INSTALL_CHECK_KEEP:-0}" = 1 ] || rm -rf "$WORK/venv-cpu" "$WORK/venv-gpu" "$WORK/venv-toolkit" "$WORK/venv-export"
 table
 exit $FAILED

@@ -87,6 +87,40 @@ def test_tensorrt_extras_pin_one_cuda_major(part):
             assert sorted(extras[name]) == sorted(runtime[name]), name
 
 
+def _at_least_as_strict(root: Requirement, part: Requirement) -> bool:
+    """Every clause of ``part``'s specifier is in ``root``'s, or a bound of the same direction there is tighter."""
+    tighter = {">=": lambda r, p: r >= p, ">": lambda r, p: r >= p, "<=": lambda r, p: r <= p, "<": lambda r, p: r <= p}
+    for clause in part.specifier:
+        same_way = [c for c in root.specifier if c.operator == clause.operator]
+        if clause not in root.specifier and not (clause.operator in tighter and
+                                                 any(tighter[clause.operator](Version(c.version), Version(clause.version)) for c in same_way)):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("part", ["runtime", "export"])
+def test_root_distribution_carries_what_the_packages_it_ships_need(part):
+    """`pip install .` ships edgeconv_runtime and edgeconv_export itself, so it must ask for their dependencies
+    (as strictly) and offer the runtime's extras under the same names."""
+    root, sub = _pyproject("."), _pyproject(part)
+    python = root["requires-python"].removeprefix(">=")
+    root_reqs, sub_reqs = _applicable(root["dependencies"], python), _applicable(sub["dependencies"], python)
+    for name, req in sub_reqs.items():
+        if name.startswith("edgeconv"):
+            continue  # shipped inside the root distribution
+        assert name in root_reqs, f"{part} needs {req}; the root distribution does not ask for {name}"
+        assert _at_least_as_strict(root_reqs[name], req), f"root asks for {root_reqs[name]}, {part} for {req}"
+    assert not [n for n in root_reqs if n.startswith("edgeconv")]
+    for extra, reqs in sub.get("optional-dependencies", {}).items():
+        assert sorted(root["optional-dependencies"].get(extra, [])) == sorted(reqs), f"root extra [{extra}] differs from {part}'s"
+
+
+def test_requirement_strictness_check_sees_a_looser_root():
+    assert _at_least_as_strict(Requirement("onnxruntime>=1.27"), Requirement("onnxruntime>=1.16"))
+    assert not _at_least_as_strict(Requirement("onnxruntime>=1.16"), Requirement("onnxruntime>=1.27"))
+    assert not _at_least_as_strict(Requirement("torch>=2.4"), Requirement("torch>=2.4,<=2.14.1"))
+
+
 def test_readme_documents_the_command_the_runtime_prints():
     readme = (ROOT / "README.md").read_text()
     assert "## Install on your device" in readme

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +17,12 @@ from typing import Optional
 
 import numpy as np
 
+from edgeconv_runtime.bench import library_versions
 from edgeconv_runtime.errors import EdgeconvError
 from edgeconv_runtime.fileio import atomic_directory, sha256_file
 from edgeconv_runtime.manifest import INT8_TENSORRT_ONNX, ONNX_FILES, PRECISIONS, Artifact, Manifest, read_manifest, write_manifest
 from edgeconv_runtime.parity import TOLERANCES, parity_report, tolerance_problems
-from edgeconv_runtime.preprocess import Preprocess
+from edgeconv_runtime.preprocess import Preprocess, normalize
 
 from . import onnx as onnx_io
 from .precision import CALIBRATION_METHODS, INT8_CPU_PURPOSE, INT8_TENSORRT_PURPOSE, calibrate_int8, convert_fp16
@@ -31,6 +32,10 @@ log = logging.getLogger("edgeconv.export")
 FORMATS = ("onnx", "tensorrt", "triton")
 FP32_MAX_ABS = TOLERANCES["fp32"]["export_max_abs_diff"]  # why it differs from the device's limit: parity.py
 REFERENCE_IMAGES = 8
+# images per forward pass of the reference model and of the parity sessions: the activations of a
+# 300 px EfficientNet-Lite0 batch of 64 took over 1 GB; at 16 they stay near 300 MB, equally fast on a CPU
+PARITY_BATCH = 16
+EXPORT_LIBRARIES = ("torch", "onnx", "onnxslim")  # recorded in the manifest beside the runtime's own
 
 
 @dataclass
@@ -60,24 +65,44 @@ class ExportOptions:
             raise EdgeconvError("TensorRT profile needs 1 <= --batch-min <= --batch-opt <= --batch-max")
 
 
+class NormalizedImages:
+    """uint8 NHWC pixels that slice into preprocessed NCHW float32 batches, so parity and
+    calibration sets never exist as one float32 array (four times their pixels' bytes).
+    Stands wherever ExportInputs takes an image array: ``len(x)`` and ``x[i:j]`` are all it needs."""
+
+    def __init__(self, pixels: np.ndarray, pre: Preprocess):
+        self.pixels, self.pre = pixels, pre
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return normalize(self.pixels[rows], self.pre)
+
+
 @dataclass
 class ExportInputs:
     """What the caller knows about the model: everything the bundle must carry."""
 
-    model: object  # torch.nn.Module in eval mode
+    model: object  # torch.nn.Module in eval mode; None when ``onnx_source`` is given
     name: str
     classes: list
     preprocess: Preprocess
-    val_x: np.ndarray  # real validation images, preprocessed NCHW float32
+    val_x: np.ndarray  # real validation images, preprocessed NCHW float32 (or NormalizedImages)
     val_y: np.ndarray
-    calib_x: Optional[np.ndarray] = None  # real training images for INT8, preprocessed
+    calib_x: Optional[np.ndarray] = None  # real training images for INT8, preprocessed (or NormalizedImages)
     reference_files: list = field(default_factory=list)  # source image file per val_x row, when from files
     reference_pixels: Optional[np.ndarray] = None  # uint8 NHWC pixels per val_x row, when from arrays
     source: dict = field(default_factory=dict)
     calibration_source: Optional[str] = None
+    # an imported model: an FP32 graph taking `input` (NCHW float32) and giving `logits`, shipped instead of tracing
+    # ``model``, and the outputs the artifacts are gated against (the source file run by ONNX Runtime FP32)
+    onnx_source: Optional[Path] = None
+    reference_logits: Optional[np.ndarray] = None
+    reference_name: str = "PyTorch"
 
 
-def torch_logits(model, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def torch_logits(model, x: np.ndarray, batch_size: int = PARITY_BATCH) -> np.ndarray:
     import torch
 
     model.eval()
@@ -85,22 +110,12 @@ def torch_logits(model, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
         return np.concatenate([model(torch.from_numpy(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)]).astype(np.float32)
 
 
-def library_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for mod in ("torch", "onnx", "onnxruntime", "onnxslim", "tensorrt", "numpy"):
-        try:
-            versions[mod] = str(__import__(mod).__version__)
-        except Exception:  # not installed, or no GPU for tensorrt
-            versions[mod] = None
-    return versions
-
-
 def _fp32_agrees(report: dict) -> bool:
     """FP32 must match PyTorch: every top-1 the same and every logit within the export limit."""
     return report["top1_agreement"] == 1.0 and not tolerance_problems(report, "fp32", at_export=True)
 
 
-def runtime_logits(path: Path, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def runtime_logits(path: Path, x: np.ndarray, batch_size: int = PARITY_BATCH) -> np.ndarray:
     """Run an exported file through the runtime's own CPU backend, the code a device will run."""
     from edgeconv_runtime.backends import create_backend
 
@@ -111,18 +126,18 @@ def runtime_logits(path: Path, x: np.ndarray, batch_size: int = 64) -> np.ndarra
         backend.close()
 
 
-def _gate(precision: str, report: dict, fp32_accuracy: float, max_drop: float) -> None:
-    """Refuse an artifact whose outputs disagree with PyTorch beyond its precision's tolerance."""
+def _gate(precision: str, report: dict, fp32_accuracy: float, max_drop: float, reference: str = "PyTorch") -> None:
+    """Refuse an artifact whose outputs disagree with the reference (PyTorch) beyond its precision's tolerance."""
     if not report["finite"]:
         raise EdgeconvError(f"{precision} model produced NaN/Inf logits on the validation images; it cannot be shipped")
     if precision == "fp32":
         if not _fp32_agrees(report):
             raise EdgeconvError(
-                f"FP32 ONNX disagrees with PyTorch: top-1 agreement {report['top1_agreement']:.4f}, "
+                f"FP32 ONNX disagrees with {reference}: top-1 agreement {report['top1_agreement']:.4f}, "
                 f"max abs diff {report['max_abs_diff']:.2e} (limits 1.0 and {FP32_MAX_ABS:.0e}); the export is broken, not shipped"
             )
         return
-    drop = 100.0 * (fp32_accuracy - report["accuracy"])
+    drop = round(100.0 * (fp32_accuracy - report["accuracy"]), 9)  # 1 image in 100 is 1.0 points, not 1.0000000000000009
     report["accuracy_drop_points"] = round(drop, 3)
     if drop > max_drop:
         hint = "; calibrate on more images (--calib-size) or try --calib-method entropy/percentile" if precision == "int8" else ""
@@ -134,8 +149,6 @@ def _gate(precision: str, report: dict, fp32_accuracy: float, max_drop: float) -
 
 def _write_reference_images(folder: Path, inp: ExportInputs, k: int) -> list:
     """The encoded images behind the reference tensors, so `verify` re-checks preprocessing too."""
-    import shutil
-
     folder.mkdir()
     names = []
     if inp.reference_files:
@@ -192,14 +205,17 @@ def export_bundle(inp: ExportInputs, out: str | Path, opts: ExportOptions) -> Ma
         raise EdgeconvError("no validation images to check parity on; pass --val-data with real images")
     t0 = time.perf_counter()
     pre = inp.preprocess
-    ref_logits = torch_logits(inp.model, inp.val_x)
+    ref_logits = inp.reference_logits if inp.reference_logits is not None else torch_logits(inp.model, inp.val_x)
     artifacts: list = []
     calibration = None
     with atomic_directory(out, force=opts.force) as tmp:
         # FP32 ONNX: export, check, simplify if that keeps parity
         fp32 = tmp / ONNX_FILES["fp32"]
         raw = tmp / ".raw.onnx"
-        onnx_io.export_onnx(inp.model, pre.input_shape, raw, opts.opset)
+        if inp.onnx_source is not None:
+            shutil.copyfile(inp.onnx_source, raw)
+        else:
+            onnx_io.export_onnx(inp.model, pre.input_shape, raw, opts.opset)
         onnx_io.check_onnx(raw)
         nodes_before = onnx_io.node_count(raw)
         simplified = False
@@ -227,7 +243,8 @@ def export_bundle(inp: ExportInputs, out: str | Path, opts: ExportOptions) -> Ma
         }
         onnx_io.set_metadata(fp32, metadata)
         onnx_io.check_onnx(fp32)
-        onnx_details = {"opset": opts.opset, "nodes_before_simplify": nodes_before, "nodes": onnx_io.node_count(fp32), "simplified": simplified}
+        opset = onnx_io.opset_of(fp32)
+        onnx_details = {"opset": opset, "nodes_before_simplify": nodes_before, "nodes": onnx_io.node_count(fp32), "simplified": simplified}
 
         if "fp16" in precisions:
             convert_fp16(fp32, tmp / ONNX_FILES["fp16"])
@@ -252,15 +269,15 @@ def export_bundle(inp: ExportInputs, out: str | Path, opts: ExportOptions) -> Ma
             report["backend"] = "onnxruntime-cpu"
             if prec == "fp32":
                 fp32_accuracy = report["accuracy"]
-            _gate(prec, report, fp32_accuracy, opts.max_accuracy_drop)
-            details = dict(onnx_details) if prec == "fp32" else {"opset": opts.opset, "nodes": onnx_io.node_count(path)}
+            _gate(prec, report, fp32_accuracy, opts.max_accuracy_drop, inp.reference_name)
+            details = dict(onnx_details) if prec == "fp32" else {"opset": opset, "nodes": onnx_io.node_count(path)}
             external = _external_data(path)
             if external:  # covered by the manifest's files map, checked by the runtime with the graph
                 details["external_data"] = external
             artifacts.append(Artifact(path.name, "onnx", prec, sha256_file(path), path.stat().st_size, report, details,
                                       variant=variant, purpose=purposes.get((prec, variant), "")))
 
-        # reference inputs and PyTorch outputs, so a device can re-check the model later
+        # reference inputs and the reference's outputs, so a device can re-check the model later
         ref_dir = tmp / "reference"
         ref_dir.mkdir()
         k = min(REFERENCE_IMAGES, len(inp.val_x))
@@ -279,10 +296,10 @@ def export_bundle(inp: ExportInputs, out: str | Path, opts: ExportOptions) -> Ma
             preprocess=pre.to_dict(),
             artifacts=list(artifacts),
             source=inp.source,
-            versions=library_versions(),
+            versions=library_versions(EXPORT_LIBRARIES),
             parity={"images": int(len(inp.val_x)), "split": inp.source.get("parity_split", "val"),
                     "pytorch_accuracy": float((ref_logits.argmax(1) == inp.val_y).mean()), "fp32_max_abs_limit": FP32_MAX_ABS,
-                    "max_accuracy_drop_points": opts.max_accuracy_drop},
+                    "max_accuracy_drop_points": opts.max_accuracy_drop, "reference": inp.reference_name},
             reference=reference,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             calibration=calibration,

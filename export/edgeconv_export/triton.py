@@ -5,13 +5,17 @@ of a hand-written config.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from edgeconv_runtime.errors import EdgeconvError
-from edgeconv_runtime.manifest import MANIFEST_NAME, read_manifest, resolve_inside
+from edgeconv_runtime.fileio import atomic_directory
+from edgeconv_runtime.manifest import MANIFEST_NAME, Manifest, read_manifest, resolve_inside
 
+from .bundle import ExportInputs, ExportOptions, export_bundle
 from .onnx import INPUT_NAME, OUTPUT_NAME
 
 
@@ -76,3 +80,18 @@ def write_triton_repo(bundle: Path, repo: Path, precision: str = "fp32", engine:
     (mdir / "config.pbtxt").write_text(config_pbtxt(name, platform, shape, len(manifest.classes), max_batch, preferred, delay_us, instances, kind))
     shutil.copyfile(bundle / MANIFEST_NAME, mdir / "edgeconv_manifest.json")
     return {"name": name, "platform": platform, "precision": precision, "file": f"{name}/1/{target}", "max_batch_size": max_batch}
+
+
+def export_triton(inputs: ExportInputs, out: str | Path, opts: ExportOptions) -> Manifest:
+    """Format ``triton``: export a bundle aside (with the other formats in ``opts``, every parity gate included), then
+    lay out its artifact of the last precision asked for as a model repository that replaces ``out`` atomically.
+    Returns the bundle's manifest with ``triton`` set to what the repository serves."""
+    bundle_opts = dataclasses.replace(opts, formats=tuple(f for f in opts.formats if f != "triton") or ("onnx",))
+    precision = opts.precisions[-1] if opts.precisions else "fp32"
+    with tempfile.TemporaryDirectory(prefix="edgeconv-triton-") as tmp:
+        bundle = Path(tmp) / "bundle"
+        manifest = export_bundle(inputs, bundle, bundle_opts)
+        with atomic_directory(out, force=opts.force) as repo:
+            manifest.triton = write_triton_repo(bundle, repo, precision=precision, engine="tensorrt" in bundle_opts.formats,
+                                                max_batch=opts.batch_max)
+    return manifest
