@@ -120,7 +120,7 @@ def cold_start_torch(run_dir: str, image: str) -> dict:
 def make_bundles(work: Path) -> dict:
     """Train and export small real models when none are given."""
     from edgeconv.exporting import ExportRequest, export_run
-    from edgeconv.train import TrainConfig, train
+    from edgeconv.training import TrainConfig, train
 
     out = {}
     train(TrainConfig(data="mnist-5k", test_data=str(SHARED / "mnist"), model="chollet_mnist", epochs=3, optimizer="adam", lr=2e-3,

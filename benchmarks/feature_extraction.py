@@ -18,8 +18,8 @@ from _common import SHARED, environment, table, write_json  # noqa: E402
 
 from edgeconv.data import inspect_source, load_dataset  # noqa: E402
 from edgeconv.models import create_model  # noqa: E402
-from edgeconv.train import build_preprocess  # noqa: E402
-from edgeconv.transfer import FeatureNet, OrtFrozen  # noqa: E402
+from edgeconv.models import build_preprocess  # noqa: E402
+from edgeconv.training.transfer import FeatureNet, OrtFrozen  # noqa: E402
 from edgeconv_runtime.preprocess import normalize  # noqa: E402
 
 

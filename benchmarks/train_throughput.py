@@ -21,7 +21,8 @@ from _common import environment, table, write_json  # noqa: E402
 
 from edgeconv.data import load_dataset  # noqa: E402
 from edgeconv.models import create_model  # noqa: E402
-from edgeconv.train import InMemoryLoader, make_optimizer  # noqa: E402
+from edgeconv.training.loaders import InMemoryLoader  # noqa: E402
+from edgeconv.training.loop import make_optimizer  # noqa: E402
 from edgeconv_runtime.preprocess import Preprocess  # noqa: E402
 
 
@@ -40,7 +41,7 @@ def bare_epoch(model, opt, x, y, bs, gen):
 
 
 def edgeconv_epoch(model, opt, loader):
-    """What edgeconv.train runs per step: uint8 gather + normalise, loss/accuracy bookkeeping."""
+    """What edgeconv.training.loop runs per step: uint8 gather + normalise, loss/accuracy bookkeeping."""
     loss_fn = nn.CrossEntropyLoss()
     t = time.perf_counter()
     n = correct = 0

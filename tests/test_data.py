@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edgeconv.data import DIGIT_CLASSES, FASHION_MNIST_CLASSES, carve, inspect_source, load_dataset, read_idx
-from edgeconv.train import build_preprocess
+from edgeconv.models import build_preprocess
 from edgeconv_runtime.errors import EdgeconvError
 from edgeconv_runtime.preprocess import Preprocess
 

@@ -132,7 +132,7 @@ def test_probing_does_not_import_openvino(mnist_bundle):
 def lite0_int8_bundle(tmp_path_factory, catsdogs_tiny):
     """efficientnet_lite0, one epoch of fast feature extraction on real cats and dogs, exported FP32 + INT8."""
     from edgeconv.exporting import ExportRequest, export_run
-    from edgeconv.train import TrainConfig, train
+    from edgeconv.training import TrainConfig, train
 
     run = tmp_path_factory.mktemp("runs") / "lite0"
     train(TrainConfig(data=str(catsdogs_tiny), model="efficientnet_lite0", strategy="feature-extract", epochs=1, out=str(run), progress=False))
