@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.edgeconv-installed
 SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install system-data clean gpu-check
+.PHONY: demo test install system-data clean gpu-check mutants
 
 install: $(STAMP)
 
@@ -15,7 +15,10 @@ $(STAMP): pyproject.toml export/pyproject.toml runtime/pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch/torchvision first, pinned: these releases lie on this machine's disk (others download GBs)
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e ./runtime -e ./export -e '.[dev]'
+	# one distribution holds all three packages (pyproject.toml); a venv from before that also held edgeconv-runtime
+	# and edgeconv-export, which would own the same modules: drop them
+	$(BIN)/python -m pip uninstall -q -y edgeconv-runtime edgeconv-export 2>/dev/null || true
+	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
 # Full Fashion-MNIST comes from Debian's dataset-fashion-mnist package.
@@ -35,6 +38,13 @@ test: $(STAMP) system-data
 # build engines, verify + bench every usable backend, pytest -m gpu; one table last (scripts/gpu_check.sh).
 gpu-check:
 	bash scripts/gpu_check.sh
+
+# Mutation testing of the modules that hold the gates and guarantees (not in CI): each mutant in a copy of the tree
+# against its module's tests, at most 30 per module (evenly spread) to stay under an hour on 2 cores;
+# writes benchmarks/results/mutation.json. MUTANTS_ARGS="--module fileio --limit 0" for one whole module.
+MUTANTS_ARGS ?= --limit 30
+mutants: $(STAMP)
+	$(BIN)/python scripts/mutants.py $(MUTANTS_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

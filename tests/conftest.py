@@ -1,8 +1,12 @@
-"""Shared fixtures: the real datasets beside the repo (../shared/data) and small real subsets."""
+"""Shared fixtures: the real datasets beside the repo (../shared/data) and small real subsets; the suite's
+process hygiene: every process a test starts must be gone when the session ends (checked, named, killed)."""
 from __future__ import annotations
 
 import os
 import shutil
+import signal
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,15 +71,34 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# `make mutants` runs the same tests once per mutant: with EDGECONV_TEST_FIXTURES set, the trained runs and bundles
+# below are built once into that folder (by the unmutated code) and reused by every later session.
+FIXTURES = os.environ.get("EDGECONV_TEST_FIXTURES")
+
+
+def _built(tmp_path_factory, kind: str, name: str, build) -> Path:
+    """``build(out)`` into a fresh temp folder, or once into $EDGECONV_TEST_FIXTURES/kind/name and reused."""
+    if not FIXTURES:
+        out = tmp_path_factory.mktemp(kind) / name
+        build(out)
+        return out
+    out, done = Path(FIXTURES) / kind / name, Path(FIXTURES) / kind / f"{name}.complete"
+    if not done.exists():
+        shutil.rmtree(out, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        build(out)
+        done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def mnist_run(tmp_path_factory, mnist_test_dir) -> Path:
     """A real chollet_mnist run: 2 epochs on mnist-5k, tested on the official t10k digits."""
-    from edgeconv.train import TrainConfig, train
+    from edgeconv.training import TrainConfig, train
 
-    out = tmp_path_factory.mktemp("runs") / "mnist"
-    train(TrainConfig(data="mnist-5k", test_data=str(mnist_test_dir), model="chollet_mnist", out=str(out), epochs=2,
-                      optimizer="adam", lr=2e-3, progress=False))
-    return out
+    return _built(tmp_path_factory, "runs", "mnist", lambda out: train(TrainConfig(
+        data="mnist-5k", test_data=str(mnist_test_dir), model="chollet_mnist", out=str(out), epochs=2, optimizer="adam", lr=2e-3,
+        progress=False)))
 
 
 @pytest.fixture(scope="session")
@@ -83,19 +106,105 @@ def mnist_bundle(tmp_path_factory, mnist_run) -> Path:
     """That run exported with FP32, FP16 and INT8 (calibrated on its real training digits)."""
     from edgeconv.exporting import ExportRequest, export_run
 
-    out = tmp_path_factory.mktemp("bundles") / "mnist"
-    export_run(ExportRequest(checkpoint=str(mnist_run), out=str(out), precisions=("fp32", "fp16", "int8"), calib_size=200))
-    return out
+    return _built(tmp_path_factory, "bundles", "mnist", lambda out: export_run(ExportRequest(
+        checkpoint=str(mnist_run), out=str(out), precisions=("fp32", "fp16", "int8"), calib_size=200)))
 
 
 @pytest.fixture(scope="session")
 def rgb_bundle(tmp_path_factory, catsdogs_tiny) -> Path:
     """A small RGB model (chollet_catsdogs at 64x64) trained 1 epoch on real cats/dogs, exported FP32."""
     from edgeconv.exporting import ExportRequest, export_run
-    from edgeconv.train import TrainConfig, train
+    from edgeconv.training import TrainConfig, train
 
-    run = tmp_path_factory.mktemp("runs") / "catsdogs"
-    train(TrainConfig(data=str(catsdogs_tiny), model="chollet_catsdogs", out=str(run), epochs=1, size=64, progress=False))
-    out = tmp_path_factory.mktemp("bundles") / "catsdogs"
-    export_run(ExportRequest(checkpoint=str(run), out=str(out)))
+    def build(out: Path) -> None:
+        run = tmp_path_factory.mktemp("runs") / "catsdogs"
+        train(TrainConfig(data=str(catsdogs_tiny), model="chollet_catsdogs", out=str(run), epochs=1, size=64, progress=False))
+        export_run(ExportRequest(checkpoint=str(run), out=str(out)))
+
+    return _built(tmp_path_factory, "bundles", "catsdogs", build)
+
+
+# ------------------------------------------------------------------------------------------ leaked processes
+# The suite's process becomes a child subreaper (Linux): a grandchild orphaned by its parent (a server whose
+# launcher died, a worker of a killed torchrun) is re-parented here instead of to init, so it is seen too.
+_PR_SET_CHILD_SUBREAPER = 36
+_first_seen: dict = {}  # child pid -> the test that had just run when it was first seen alive
+
+
+def _children() -> dict:
+    """pid -> (state, command line) of every child of this process ("Z": exited, not yet collected)."""
+    me, out = os.getpid(), {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            if int(ppid) == me:
+                out[int(entry.name)] = (state, (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip())
+        except (OSError, ValueError):  # gone meanwhile
+            continue
     return out
+
+
+def _alive() -> dict:
+    return {pid: cmd for pid, (state, cmd) in _children().items() if state != "Z"}
+
+
+def pytest_configure(config):
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Remember which test was running when each child process first appeared (named if it leaks)."""
+    if not Path("/proc/self/stat").exists():
+        return
+    for pid in _alive():
+        _first_seen.setdefault(pid, item.nodeid)
+
+
+def _reap_zombies() -> None:
+    """Collect orphans re-parented here that have exited (subprocess reaps only the children it started)."""
+    for pid, (state, _) in _children().items():
+        if state == "Z":
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run, naming each one, if a process a test started is still alive; then kill it."""
+    if not Path("/proc/self/stat").exists():
+        return
+    deadline = time.time() + 10  # a server told to stop may still be finishing its requests
+    leaked = _alive()
+    while leaked and time.time() < deadline:
+        time.sleep(0.2)
+        leaked = _alive()
+    _reap_zombies()
+    if not leaked:
+        return
+    lines = []
+    for pid, cmd in leaked.items():
+        lines.append(f"  pid {pid}: {cmd[:300]}  (first seen after {_first_seen.get(pid, 'the last test')})")
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (OSError, ChildProcessError):
+            pass
+    msg = "processes started by the tests are still alive at the end of the session (killed now):\n" + "\n".join(lines)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("")
+        reporter.write_sep("=", "LEAKED PROCESSES", red=True, bold=True)
+        reporter.write_line(msg)
+    else:
+        print(msg, file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

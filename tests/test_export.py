@@ -90,6 +90,7 @@ def test_refuses_existing_out_and_force_replaces_whole(mnist_run, mnist_bundle, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temp directories left behind
     export_run(ExportRequest(checkpoint=str(mnist_run), out=str(out), precisions=("fp16",), force=True))
     assert (out / "model.fp16.onnx").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # replaced whole: the old bundle is not kept aside
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, mnist_run):

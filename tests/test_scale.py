@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from edgeconv.train import PREV_STATE_NAME, STATE_NAME, load_state, save_state
+from edgeconv.training.rundir import PREV_STATE_NAME, STATE_NAME, load_state, save_state
 from edgeconv_runtime.errors import EdgeconvError
 
 
@@ -53,15 +53,18 @@ def test_kill_9_mid_epoch_then_resume_loses_nothing(tmp_path):
     cmd = [sys.executable, "-m", "edgeconv", "train", "--data", "mnist-5k", "--model", "chollet_mnist", "--epochs", "5", "--augment",
            "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:
+    try:
+        deadline = time.time() + 300
         hist = out / "history.json"
-        if hist.exists() and len(json.loads(hist.read_text() or "[]")) >= 2:
-            break
-        time.sleep(0.1)
-    time.sleep(0.5)  # into the third epoch
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+        while not (hist.exists() and len(json.loads(hist.read_text() or "[]")) >= 2):
+            assert proc.poll() is None, f"training exited with {proc.returncode} before its second epoch"
+            assert time.time() < deadline, "no second epoch within 300 s"
+            time.sleep(0.1)
+        time.sleep(0.5)  # into the third epoch
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
     killed_at = load_state(out)["epoch"]
     assert 2 <= killed_at < 5
     r = edgeconv("train", "--resume", str(out))

@@ -19,29 +19,48 @@ from edgeconv_runtime import Model
 
 
 class Server:
-    def __init__(self, bundle, *args):
+    """`edgeconv-runtime serve` on an ephemeral port, up (/healthz 200) and, with ``ready``, ready (/readyz 200); killed if not."""
+
+    def __init__(self, bundle, *args, ready: bool = True):
         self.proc = subprocess.Popen([sys.executable, "-m", "edgeconv_runtime", "serve", str(bundle), "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
+        try:
+            self._start(ready)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _start(self, ready: bool) -> None:
+        line = self.proc.stdout.readline()  # the global pytest timeout ends a server that never prints it
         m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
         assert m, (line, self.proc.stderr.read() if self.proc.poll() is not None else "")
         self.url = f"http://127.0.0.1:{m.group(1)}"
-        deadline = time.time() + 60
+        path, deadline = ("/readyz" if ready else "/healthz"), time.time() + 60
         while time.time() < deadline:
             try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                if httpx.get(self.url + path, timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
         else:
-            raise AssertionError("server never became ready")
+            raise AssertionError(f"server never answered {path} with 200")
 
     def stop(self, sig=signal.SIGTERM):
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-            self.proc.wait(timeout=60)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise
         return self.proc.returncode
+
+    def kill(self) -> None:
+        """Whatever state it is in: gone when this returns (for ``finally`` blocks)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +120,7 @@ def test_grayscale_image_to_rgb_model_is_400(rgb_server, catsdogs_tiny):
 
 
 def test_health_ready_model_and_metrics(rgb_server):
+    assert httpx.post(rgb_server.url + "/v1/predict", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
     assert httpx.get(rgb_server.url + "/healthz").json() == {"status": "alive"}
     ready = httpx.get(rgb_server.url + "/readyz").json()
     assert ready["status"] == "ready" and ready["verify"]["ok"]
@@ -168,19 +188,22 @@ def test_sigterm_finishes_requests_in_flight(rgb_bundle, catsdogs_tiny):
             failures.append(repr(exc))
 
     threads = [threading.Thread(target=call) for _ in range(16)]
-    for t in threads:
-        t.start()
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        depth = re.search(r"^edgeconv_queue_depth (\S+)$", httpx.get(server.url + "/metrics").text, re.M)
-        if float(depth.group(1)) == 16:
-            break
-        time.sleep(0.02)
-    else:
-        raise AssertionError("the 16 requests never all reached the queue")
-    rc = server.stop(signal.SIGTERM)
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            depth = re.search(r"^edgeconv_queue_depth (\S+)$", httpx.get(server.url + "/metrics").text, re.M)
+            if float(depth.group(1)) == 16:
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the 16 requests never all reached the queue")
+        rc = server.stop(signal.SIGTERM)
+    finally:
+        server.kill()
+        for t in threads:
+            t.join()
     assert rc == 0
     assert not failures, failures
     assert results == [200] * 16, results

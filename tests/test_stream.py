@@ -171,6 +171,7 @@ def test_sigint_ends_cleanly_with_summary_even_when_inherited_ignored(rgb_bundle
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
+        proc.wait()
     lines = out.splitlines()
     summary = json.loads(lines[-1])["summary"]
     assert proc.returncode == 130 and "Traceback" not in err, err
