@@ -60,17 +60,16 @@ TARGETS = [  # tests: one -k at most (pytest keeps only the last)
             "it would also fetch ImageNet weights first (offline: an error instead of a load)"}),
     Target("training loop", "edgeconv/training/loop.py", ("fit", "Fitted.resumed", "_validate"),
            (GUARANTEES, "-k", "best_epochs_weights or early_stopping or resume_continues")),
-    Target("training resume", "edgeconv/training/scratch.py", ("_restore",), (GUARANTEES, "-k", "resume_continues"),
+    Target("training resume", "edgeconv/training/scratch.py", ("_restore",), (GUARANTEES, "-k", "resume_continues or best_epochs_weights"),
            {"_restore: And -> Or: scheduler is not None and st.get('scheduler') => scheduler is not None or st.get('scheduler')":
             "equivalent: the resumed run's config comes from the state itself, so a scheduler exists exactly when the state holds "
-            "one (--lr-schedule none: both None; cosine/onecycle: both set); `or` decides the same in every state train() writes",
-            "_restore: 0.0 -> 1.0: 0.0 => 1.0": "not equivalent, accepted: a fresh run would report train_seconds 1 s too high (a timing "
-            "figure, nothing is restored from it); no test can pin a wall-clock figure without being flaky"}),
+            "one (--lr-schedule none: both None; cosine/onecycle: both set); `or` decides the same in every state train() writes"}),
     Target("training run dir", "edgeconv/training/rundir.py", ("prepare_out", "save_state", "load_state"),
            ("tests/test_scale.py", GUARANTEES, "-k", "corrupt or disk_full or run_directory or resume_continues")),
     Target("serve admission", "runtime/edgeconv_runtime/admission.py",
            ("Batcher.admit", "Batcher.release", "Admission._reserve_body", "Admission.infer", "Admission.read_body"),
-           ("tests/test_serve_limits.py", "tests/test_readme_promises.py", "tests/test_serve.py", "-k", "test_serve_limits or 413 or 503 or readyz or overload")),
+           ("tests/test_admission.py", "tests/test_serve_limits.py", "tests/test_readme_promises.py", "tests/test_serve.py", "-k",
+            "admission or test_serve_limits or 413 or 503 or readyz or overload")),
     Target("fileio", "runtime/edgeconv_runtime/fileio.py", ("atomic_write_bytes", "atomic_directory"),
            ("tests/test_fileio.py", "tests/test_export_swap.py", "tests/test_export.py", "tests/test_scale.py", "-k",
             "fileio or (not real_export and not kill_9 and (swap or force or stale or exchange or failed or disk_full or corrupt or kill))")),

@@ -19,3 +19,14 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_an_atomic_directory_lands_in_a_folder_that_did_not_exist_with_the_umasks_mode(tmp_path):
+    from edgeconv_runtime.fileio import atomic_directory
+
+    final = tmp_path / "not" / "yet" / "bundle"
+    with atomic_directory(final) as tmp:
+        (tmp / "model.onnx").write_bytes(b"onnx")
+    assert (final / "model.onnx").read_bytes() == b"onnx"
+    assert os.listdir(final.parent) == ["bundle"]  # no temp folder left beside it
+    assert oct(final.stat().st_mode & 0o777) == oct(0o777 & ~_umask())  # a normal folder, not mkdtemp's 0700

@@ -142,6 +142,8 @@ def test_model_pt_holds_the_best_epochs_weights_not_the_last(digits, tmp_path):
     saved = _val_loss(res.out, few.val)
     assert saved == pytest.approx(m["val_loss"], rel=1e-4), (saved, m["val_loss"], last)
     assert load_checkpoint(res.out)["epoch"] == m["best_epoch"]
+    # a fresh run's training time is its epochs' own: no carried-over seconds (each epoch's figure also holds validation)
+    assert 0 < m["train_seconds"] <= sum(h["seconds"] for h in res.history) + 0.005, (m["train_seconds"], res.history)
 
 
 def test_early_stopping_stops_after_patience_epochs_without_improvement(digits, tmp_path):

@@ -1,0 +1,68 @@
+"""The admission gate's arithmetic on real Starlette requests (torch-free, no server: `make mutants` runs these per
+mutant of runtime/edgeconv_runtime/admission.py). The HTTP behaviour end to end is in test_serve_limits.py."""
+import asyncio
+
+import pytest
+
+starlette = pytest.importorskip("starlette")
+from starlette.requests import Request  # noqa: E402
+
+from edgeconv_runtime.admission import Admission, Batcher, HTTPError  # noqa: E402
+from edgeconv_runtime.serve import ServeConfig  # noqa: E402
+
+
+def _request(chunks, declared=None) -> Request:
+    headers = [] if declared is None else [(b"content-length", str(declared).encode())]
+    scope = {"type": "http", "method": "POST", "path": "/v1/predict", "headers": headers, "query_string": b""}
+    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+
+    async def receive():
+        return messages.pop(0)
+
+    return Request(scope, receive)
+
+
+def _gate(cap: int) -> Admission:
+    cfg = ServeConfig(bundle="-", max_inflight_body_bytes=cap, max_body_bytes=10 * cap)
+    return Admission(cfg, Batcher(model=None, max_batch=4, max_delay_s=0.0, max_queue=8))
+
+
+def _read(gate, request):
+    return asyncio.run(gate.read_body(request))
+
+
+def test_a_body_that_exactly_fills_the_in_flight_cap_is_admitted_and_one_byte_more_is_not():
+    gate = _gate(1000)
+    req = _request([b"x" * 1000], declared=1000)
+    assert _read(gate, req) == b"x" * 1000
+    assert gate.inflight_bytes == 1000  # held until the response has gone
+    with pytest.raises(HTTPError) as exc:
+        _read(gate, _request([b"y"], declared=1))
+    assert exc.value.status == 503 and "bodies in flight" in exc.value.message
+    gate.release_body(req.scope)
+    assert gate.inflight_bytes == 0
+    gate.shutdown()
+
+
+def test_declared_bodies_are_charged_once_and_chunked_bodies_chunk_by_chunk():
+    gate = _gate(1000)
+    declared = _request([b"a" * 300, b"b" * 300], declared=600)
+    assert _read(gate, declared) == b"a" * 300 + b"b" * 300
+    assert gate.inflight_bytes == 600
+    chunked = _request([b"c" * 200, b"d" * 150])  # no Content-Length: charged as it arrives
+    assert len(_read(gate, chunked)) == 350
+    assert gate.inflight_bytes == 950
+    with pytest.raises(HTTPError) as exc:  # 50 bytes left: the second chunk of this one crosses the cap
+        _read(gate, _request([b"e" * 40, b"f" * 40]))
+    assert exc.value.status == 503
+    for req in (declared, chunked):
+        gate.release_body(req.scope)
+    gate.shutdown()
+
+
+def test_a_declared_length_over_the_body_limit_is_413_before_reading():
+    gate = _gate(1000)
+    with pytest.raises(HTTPError) as exc:
+        _read(gate, _request([b"z"], declared=10 * 1000 + 1))
+    assert exc.value.status == 413 and gate.inflight_bytes == 0
+    gate.shutdown()
