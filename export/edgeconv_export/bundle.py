@@ -32,9 +32,10 @@ log = logging.getLogger("edgeconv.export")
 FORMATS = ("onnx", "tensorrt", "triton")
 FP32_MAX_ABS = TOLERANCES["fp32"]["export_max_abs_diff"]  # why it differs from the device's limit: parity.py
 REFERENCE_IMAGES = 8
-# images per forward pass of the reference model and of the parity sessions: the activations of a
-# 300 px EfficientNet-Lite0 batch of 64 took over 1 GB; at 16 they stay near 300 MB, equally fast on a CPU
-PARITY_BATCH = 16
+# images per forward pass of the reference model and of the parity sessions: at 64, a 300 px
+# EfficientNet-Lite0 export peaked 1.9 GB (PyTorch) and 3.6 GB (ONNX Runtime) above its images, at 16
+# 0.6 GB (ORT: +382 MB on 32 images, +224 MB at 8); the speed per image on a CPU hardly changes
+PARITY_BATCH = 8
 EXPORT_LIBRARIES = ("torch", "onnx", "onnxslim")  # recorded in the manifest beside the runtime's own
 
 

@@ -216,7 +216,9 @@ class OrtBackend(Backend):
 
     def __init__(self, path: str, provider: str = "CPUExecutionProvider", threads: Optional[int] = None, spin: bool = True,
                  precision: str = "fp32", input_name: Optional[str] = None, input_shape=None, batch_profile=DEFAULT_BATCH_PROFILE,
-                 cache_dir=None, device_id: int = 0):
+                 cache_dir=None, device_id: int = 0, arena: bool = True):
+        """``arena`` False: CPU buffers go back to the system after each run instead of into ONNX Runtime's
+        arena, which keeps what the largest run needed (training's frozen parts run beside PyTorch)."""
         import onnxruntime as ort
 
         self.name = _NAMES.get(provider, provider)
@@ -232,6 +234,7 @@ class OrtBackend(Backend):
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.intra_op_num_threads = threads or default_threads()
         so.inter_op_num_threads = 1
+        so.enable_cpu_mem_arena = arena
         if not spin:
             # a server shares its cores with decoding and HTTP: idle inference threads must sleep, not spin
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
