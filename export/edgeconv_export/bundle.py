@@ -194,114 +194,26 @@ def covered_files(root: Path, manifest: Manifest) -> dict:
 
 def export_bundle(inp: ExportInputs, out: str | Path, opts: ExportOptions) -> Manifest:
     """Export, check parity of every artifact on real images, and write the bundle atomically."""
-    opts.validate()
-    precisions = tuple(dict.fromkeys(("fp32",) + tuple(opts.precisions)))  # FP32 is the reference for the others
-    if "tensorrt" in opts.formats:
-        from edgeconv_runtime.engine import require_tensorrt
-
-        require_tensorrt()  # before anything is written
-    if "int8" in precisions and (inp.calib_x is None or len(inp.calib_x) == 0):
-        raise EdgeconvError("INT8 needs calibration images and none were found; pass --calib-data with a folder of real training images")
-    if len(inp.val_x) == 0:
-        raise EdgeconvError("no validation images to check parity on; pass --val-data with real images")
+    precisions = _check_request(inp, opts)
     t0 = time.perf_counter()
-    pre = inp.preprocess
     ref_logits = inp.reference_logits if inp.reference_logits is not None else torch_logits(inp.model, inp.val_x)
-    artifacts: list = []
-    calibration = None
     with atomic_directory(out, force=opts.force) as tmp:
-        # FP32 ONNX: export, check, simplify if that keeps parity
-        fp32 = tmp / ONNX_FILES["fp32"]
-        raw = tmp / ".raw.onnx"
-        if inp.onnx_source is not None:
-            shutil.copyfile(inp.onnx_source, raw)
-        else:
-            onnx_io.export_onnx(inp.model, pre.input_shape, raw, opts.opset)
-        onnx_io.check_onnx(raw)
-        nodes_before = onnx_io.node_count(raw)
-        simplified = False
-        reports: dict = {}  # parity already measured on the final graph, so not run twice
-        if opts.simplify:
-            slim = tmp / ".slim.onnx"
-            if onnx_io.simplify(raw, slim):
-                onnx_io.check_onnx(slim)
-                r = parity_report(ref_logits, runtime_logits(slim, inp.val_x), inp.val_y)
-                if _fp32_agrees(r):
-                    slim.replace(fp32)
-                    simplified = True
-                    reports["fp32"] = r  # the shipped graph: only metadata_props are added below
-                else:
-                    log.warning("onnxslim changed the outputs (max abs diff %.2e); keeping the unsimplified graph", r["max_abs_diff"])
-                    slim.unlink()
-        if not simplified:
-            raw.replace(fp32)
-        raw.unlink(missing_ok=True)
-        metadata = {
-            "edgeconv.name": inp.name,
-            "edgeconv.classes": inp.classes,
-            "edgeconv.preprocess": pre.to_dict(),
-            "edgeconv.input_layout": "NCHW",
-        }
-        onnx_io.set_metadata(fp32, metadata)
-        onnx_io.check_onnx(fp32)
-        opset = onnx_io.opset_of(fp32)
-        onnx_details = {"opset": opset, "nodes_before_simplify": nodes_before, "nodes": onnx_io.node_count(fp32), "simplified": simplified}
-
-        if "fp16" in precisions:
-            convert_fp16(fp32, tmp / ONNX_FILES["fp16"])
-            onnx_io.set_metadata(tmp / ONNX_FILES["fp16"], metadata)
-        if "int8" in precisions:
-            # two graphs, one calibration: uint8 activations for CPUs, symmetric int8 for TensorRT
-            calibration = calibrate_int8(fp32, tmp / ONNX_FILES["int8"], tmp / INT8_TENSORRT_ONNX, inp.calib_x, opts.calibration_method)
-            calibration["source"] = inp.calibration_source
-            onnx_io.set_metadata(tmp / ONNX_FILES["int8"], metadata)
-            onnx_io.set_metadata(tmp / INT8_TENSORRT_ONNX, metadata)
-
-        fp32_accuracy = None
-        onnx_files = [(prec, "default", ONNX_FILES[prec]) for prec in precisions]
-        if "int8" in precisions:
-            onnx_files.append(("int8", "tensorrt", INT8_TENSORRT_ONNX))
-        purposes = {("int8", "default"): INT8_CPU_PURPOSE, ("int8", "tensorrt"): INT8_TENSORRT_PURPOSE}
-        for prec, variant, name in onnx_files:
-            path = tmp / name
-            if prec != "fp32":
-                onnx_io.check_onnx(path)
-            report = reports.get(prec) or parity_report(ref_logits, runtime_logits(path, inp.val_x), inp.val_y)
-            report["backend"] = "onnxruntime-cpu"
-            if prec == "fp32":
-                fp32_accuracy = report["accuracy"]
-            _gate(prec, report, fp32_accuracy, opts.max_accuracy_drop, inp.reference_name)
-            details = dict(onnx_details) if prec == "fp32" else {"opset": opset, "nodes": onnx_io.node_count(path)}
-            external = _external_data(path)
-            if external:  # covered by the manifest's files map, checked by the runtime with the graph
-                details["external_data"] = external
-            artifacts.append(Artifact(path.name, "onnx", prec, sha256_file(path), path.stat().st_size, report, details,
-                                      variant=variant, purpose=purposes.get((prec, variant), "")))
-
-        # reference inputs and the reference's outputs, so a device can re-check the model later
-        ref_dir = tmp / "reference"
-        ref_dir.mkdir()
-        k = min(REFERENCE_IMAGES, len(inp.val_x))
-        np.save(ref_dir / "inputs.npy", inp.val_x[:k])
-        np.save(ref_dir / "outputs.npy", ref_logits[:k])
-        np.save(ref_dir / "labels.npy", inp.val_y[:k].astype(np.int64))
-        images = _write_reference_images(ref_dir / "images", inp, k)
-        reference = {"inputs": "reference/inputs.npy", "outputs": "reference/outputs.npy", "labels": "reference/labels.npy",
-                     "n": k, "images": images, "source_files": [str(f) for f in inp.reference_files[:k]]}
-
+        fp32 = _write_fp32(tmp, inp, opts, ref_logits)
+        calibration = _write_lower_precisions(tmp, inp, opts, precisions, fp32.metadata)
+        artifacts = _gated_artifacts(tmp, inp, opts, precisions, fp32, ref_logits)
         manifest = Manifest(
             name=inp.name,
             classes=list(inp.classes),
-            input={"name": onnx_io.INPUT_NAME, "shape": ["batch", *pre.input_shape], "layout": "NCHW", "dtype": "float32"},
+            input={"name": onnx_io.INPUT_NAME, "shape": ["batch", *inp.preprocess.input_shape], "layout": "NCHW", "dtype": "float32"},
             output={"name": onnx_io.OUTPUT_NAME, "shape": ["batch", len(inp.classes)], "dtype": "float32"},
-            preprocess=pre.to_dict(),
-            artifacts=list(artifacts),
+            preprocess=inp.preprocess.to_dict(),
+            artifacts=artifacts,
             source=inp.source,
             versions=library_versions(EXPORT_LIBRARIES),
             parity={"images": int(len(inp.val_x)), "split": inp.source.get("parity_split", "val"),
                     "pytorch_accuracy": float((ref_logits.argmax(1) == inp.val_y).mean()), "fp32_max_abs_limit": FP32_MAX_ABS,
                     "max_accuracy_drop_points": opts.max_accuracy_drop, "reference": inp.reference_name},
-            reference=reference,
+            reference=_write_reference(tmp / "reference", inp, ref_logits),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             calibration=calibration,
             export_seconds=round(time.perf_counter() - t0, 3),
@@ -317,3 +229,121 @@ def export_bundle(inp: ExportInputs, out: str | Path, opts: ExportOptions) -> Ma
                           quiet=True)
             manifest = read_manifest(tmp)
     return manifest
+
+
+def _check_request(inp: ExportInputs, opts: ExportOptions) -> tuple:
+    """The precisions to write (FP32 first: the reference for the others); refusals before anything is written."""
+    opts.validate()
+    precisions = tuple(dict.fromkeys(("fp32",) + tuple(opts.precisions)))
+    if "tensorrt" in opts.formats:
+        from edgeconv_runtime.engine import require_tensorrt
+
+        require_tensorrt()
+    if "int8" in precisions and (inp.calib_x is None or len(inp.calib_x) == 0):
+        raise EdgeconvError("INT8 needs calibration images and none were found; pass --calib-data with a folder of real training images")
+    if len(inp.val_x) == 0:
+        raise EdgeconvError("no validation images to check parity on; pass --val-data with real images")
+    return precisions
+
+
+@dataclass
+class _Fp32Graph:
+    path: Path
+    metadata: dict  # the edgeconv.* metadata_props every artifact carries
+    details: dict  # opset, node counts, whether onnxslim was kept
+    report: Optional[dict]  # parity already measured on the shipped graph (when simplified), so not run twice
+
+
+def _write_fp32(tmp: Path, inp: ExportInputs, opts: ExportOptions, ref_logits: np.ndarray) -> _Fp32Graph:
+    """The FP32 ONNX: exported (or the source graph copied), checked, simplified if that keeps parity, labelled."""
+    fp32, raw = tmp / ONNX_FILES["fp32"], tmp / ".raw.onnx"
+    if inp.onnx_source is not None:
+        shutil.copyfile(inp.onnx_source, raw)
+    else:
+        onnx_io.export_onnx(inp.model, inp.preprocess.input_shape, raw, opts.opset)
+    onnx_io.check_onnx(raw)
+    nodes_before = onnx_io.node_count(raw)
+    report = _simplified(raw, fp32, inp, ref_logits) if opts.simplify else None
+    if report is None:
+        raw.replace(fp32)
+    raw.unlink(missing_ok=True)
+    metadata = {
+        "edgeconv.name": inp.name,
+        "edgeconv.classes": inp.classes,
+        "edgeconv.preprocess": inp.preprocess.to_dict(),
+        "edgeconv.input_layout": "NCHW",
+    }
+    onnx_io.set_metadata(fp32, metadata)  # only metadata_props: a parity report of the simplified graph still holds
+    onnx_io.check_onnx(fp32)
+    details = {"opset": onnx_io.opset_of(fp32), "nodes_before_simplify": nodes_before, "nodes": onnx_io.node_count(fp32),
+               "simplified": report is not None}
+    return _Fp32Graph(fp32, metadata, details, report)
+
+
+def _simplified(raw: Path, fp32: Path, inp: ExportInputs, ref_logits: np.ndarray) -> Optional[dict]:
+    """onnxslim's graph as ``fp32`` and its parity report, or None (``raw`` stays) when it fails or changes the outputs."""
+    slim = raw.with_name(".slim.onnx")
+    if not onnx_io.simplify(raw, slim):
+        return None
+    onnx_io.check_onnx(slim)
+    r = parity_report(ref_logits, runtime_logits(slim, inp.val_x), inp.val_y)
+    if not _fp32_agrees(r):
+        log.warning("onnxslim changed the outputs (max abs diff %.2e); keeping the unsimplified graph", r["max_abs_diff"])
+        slim.unlink()
+        return None
+    slim.replace(fp32)
+    return r
+
+
+def _write_lower_precisions(tmp: Path, inp: ExportInputs, opts: ExportOptions, precisions: tuple, metadata: dict) -> Optional[dict]:
+    """FP16 and INT8 graphs beside the FP32 one; the INT8 calibration record (None without INT8)."""
+    fp32 = tmp / ONNX_FILES["fp32"]
+    if "fp16" in precisions:
+        convert_fp16(fp32, tmp / ONNX_FILES["fp16"])
+        onnx_io.set_metadata(tmp / ONNX_FILES["fp16"], metadata)
+    if "int8" not in precisions:
+        return None
+    # two graphs, one calibration: uint8 activations for CPUs, symmetric int8 for TensorRT
+    calibration = calibrate_int8(fp32, tmp / ONNX_FILES["int8"], tmp / INT8_TENSORRT_ONNX, inp.calib_x, opts.calibration_method)
+    calibration["source"] = inp.calibration_source
+    onnx_io.set_metadata(tmp / ONNX_FILES["int8"], metadata)
+    onnx_io.set_metadata(tmp / INT8_TENSORRT_ONNX, metadata)
+    return calibration
+
+
+def _gated_artifacts(tmp: Path, inp: ExportInputs, opts: ExportOptions, precisions: tuple, fp32: _Fp32Graph,
+                     ref_logits: np.ndarray) -> list:
+    """Every ONNX artifact measured on the parity images and gated (FP32 first: the others' accuracy drop is against it)."""
+    onnx_files = [(prec, "default", ONNX_FILES[prec]) for prec in precisions]
+    if "int8" in precisions:
+        onnx_files.append(("int8", "tensorrt", INT8_TENSORRT_ONNX))
+    purposes = {("int8", "default"): INT8_CPU_PURPOSE, ("int8", "tensorrt"): INT8_TENSORRT_PURPOSE}
+    artifacts, fp32_accuracy = [], None
+    for prec, variant, name in onnx_files:
+        path = tmp / name
+        if prec != "fp32":
+            onnx_io.check_onnx(path)
+        report = (prec == "fp32" and fp32.report) or parity_report(ref_logits, runtime_logits(path, inp.val_x), inp.val_y)
+        report["backend"] = "onnxruntime-cpu"
+        if prec == "fp32":
+            fp32_accuracy = report["accuracy"]
+        _gate(prec, report, fp32_accuracy, opts.max_accuracy_drop, inp.reference_name)
+        details = dict(fp32.details) if prec == "fp32" else {"opset": fp32.details["opset"], "nodes": onnx_io.node_count(path)}
+        external = _external_data(path)
+        if external:  # covered by the manifest's files map, checked by the runtime with the graph
+            details["external_data"] = external
+        artifacts.append(Artifact(path.name, "onnx", prec, sha256_file(path), path.stat().st_size, report, details,
+                                  variant=variant, purpose=purposes.get((prec, variant), "")))
+    return artifacts
+
+
+def _write_reference(ref_dir: Path, inp: ExportInputs, ref_logits: np.ndarray) -> dict:
+    """Reference inputs and the reference's outputs, so a device can re-check the model later (`verify`)."""
+    ref_dir.mkdir()
+    k = min(REFERENCE_IMAGES, len(inp.val_x))
+    np.save(ref_dir / "inputs.npy", inp.val_x[:k])
+    np.save(ref_dir / "outputs.npy", ref_logits[:k])
+    np.save(ref_dir / "labels.npy", inp.val_y[:k].astype(np.int64))
+    images = _write_reference_images(ref_dir / "images", inp, k)
+    return {"inputs": "reference/inputs.npy", "outputs": "reference/outputs.npy", "labels": "reference/labels.npy",
+            "n": k, "images": images, "source_files": [str(f) for f in inp.reference_files[:k]]}
