@@ -66,3 +66,50 @@ def test_a_declared_length_over_the_body_limit_is_413_before_reading():
         _read(gate, _request([b"z"], declared=10 * 1000 + 1))
     assert exc.value.status == 413 and gate.inflight_bytes == 0
     gate.shutdown()
+
+
+async def _admit_all(batcher, *calls):
+    return await asyncio.gather(*(batcher.admit(n, wait) for n, wait in calls), return_exceptions=True)
+
+
+def test_the_queue_refuses_more_images_than_it_can_ever_hold_and_a_full_queue_without_waiting():
+    from edgeconv_runtime.admission import QueueFull
+
+    b = Batcher(model=None, max_batch=4, max_delay_s=0.0, max_queue=8)
+
+    async def too_many():  # 9 images never fit: refused at once, not after the request's wait
+        task = asyncio.ensure_future(b.admit(9, wait_s=60.0))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert task.done() and not b.waiters
+        task.result()
+
+    with pytest.raises(QueueFull):
+        asyncio.run(too_many())
+    assert b.pending == 0
+    asyncio.run(b.admit(8, wait_s=0.0))
+    assert b.pending == 8
+    with pytest.raises(QueueFull):  # full, and no wait asked for: refused at once
+        asyncio.run(b.admit(1, wait_s=0.0))
+    b.release(8)
+    assert b.pending == 0
+
+
+def test_a_waiting_request_gets_the_places_a_finished_one_releases_first_come_first_served():
+    from edgeconv_runtime.admission import QueueFull
+
+    async def scenario():
+        b = Batcher(model=None, max_batch=4, max_delay_s=0.0, max_queue=8)
+        await b.admit(8, 0.0)
+        first = asyncio.ensure_future(b.admit(3, 2.0))
+        second = asyncio.ensure_future(b.admit(6, 0.05))
+        await asyncio.sleep(0.01)
+        assert b.pending == 8 and len(b.waiters) == 2
+        b.release(5)  # 3 in use: the first waiter (3) fits, the second (6) does not
+        await first
+        assert b.pending == 6
+        with pytest.raises(QueueFull):  # its 50 ms pass without 6 free places
+            await second
+        assert not b.waiters and b.pending == 6
+
+    asyncio.run(scenario())

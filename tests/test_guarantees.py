@@ -1,6 +1,7 @@
 """The guarantees a one-line change to the product could break unseen (issue 17's mutation table): each test
 here fails when its guarantee is removed (checked by making that change; see benchmarks/results/mutation.json)."""
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -118,9 +119,9 @@ def digits():
     return replace(ds, train=ds.train.subset(np.arange(600)))
 
 
-def _config(out, epochs: int, lr: float = 2e-3, augment: bool = False) -> TrainConfig:
+def _config(out, epochs: int, lr: float = 2e-3, augment: bool = False, lr_schedule: str = "none") -> TrainConfig:
     return TrainConfig(data="mnist-5k", model="chollet_mnist", out=str(out), epochs=epochs, optimizer="adam", lr=lr, augment=augment,
-                       progress=False)
+                       lr_schedule=lr_schedule, progress=False)
 
 
 def _val_loss(run_dir, val) -> float:
@@ -166,23 +167,27 @@ def test_run_directory_guards_come_before_any_training(tmp_path):
 
 
 def test_resume_continues_from_the_saved_weights(digits, tmp_path, caplog):
-    """A run stopped after epoch 1 of 2 and resumed ends exactly where an uninterrupted 2-epoch run ends (with
-    augmentation, so the random generators must continue too, not only the weights and the optimizer)."""
-    whole = train(_config(tmp_path / "whole", 2, augment=True), dataset=digits)
-    part = train(_config(tmp_path / "part", 1, augment=True), dataset=digits)
-    state_file = part.out / "state.pt"
-    state = torch.load(state_file, map_location="cpu", weights_only=True)
-    assert state["epoch"] == 1
-    state["train_config"]["epochs"] = 2  # as if the 2-epoch run had been killed once epoch 1's state was saved
-    torch.save(state, state_file)
-    resumed = train(TrainConfig(data="mnist-5k", model="chollet_mnist", out=str(part.out), progress=False), dataset=digits, resume=True)
+    """A 2-epoch run stopped once epoch 1's state was saved, then resumed, ends exactly where the uninterrupted run
+    ends (with augmentation and a cosine schedule, so the random generators and the schedule must continue too, not
+    only the weights and the optimizer)."""
+    whole = train(_config(tmp_path / "whole", 2, augment=True, lr_schedule="cosine"), dataset=digits)
+    assert whole.metrics["train_images_seen"] == 2 * len(digits.train)
+    part = tmp_path / "part"  # the run directory as a kill after epoch 1 leaves it: epoch 1's state is the latest
+    part.mkdir()
+    shutil.copyfile(whole.out / "state.prev.pt", part / "state.pt")
+    shutil.copyfile(whole.out / "model.pt", part / "model.pt")  # the best epoch's weights: epoch 1's (asserted below), as a kill leaves them
+    state = torch.load(part / "state.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 1 and state["images_seen"] == len(digits.train)
+    resumed = train(TrainConfig(data="mnist-5k", model="chollet_mnist", out=str(part), progress=False), dataset=digits, resume=True)
     assert resumed.metrics["resumed"] and [h["epoch"] for h in resumed.history] == [1, 2]
-    assert f"resuming {part.out} at epoch 2 of 2" in caplog.text
-    for key in ("train_loss", "val_loss", "val_acc"):
+    assert f"resuming {part} at epoch 2 of 2" in caplog.text
+    assert resumed.metrics["train_images_seen"] == 2 * len(digits.train)
+    assert resumed.metrics["best_epoch"] == whole.metrics["best_epoch"] == 1
+    for key in ("train_loss", "val_loss", "val_acc", "lr"):
         assert resumed.history[1][key] == pytest.approx(whole.history[1][key], abs=1e-5), (key, resumed.history, whole.history)
-    final = torch.load(state_file, map_location="cpu", weights_only=True)["model"]
+    final = torch.load(part / "state.pt", map_location="cpu", weights_only=True)["model"]
     reference = torch.load(whole.out / "state.pt", map_location="cpu", weights_only=True)["model"]
     for name, tensor in reference.items():
         assert torch.allclose(final[name], tensor, atol=1e-5), name
     with pytest.raises(EdgeconvError, match="already finished its 2 epochs"):
-        train(TrainConfig(data="mnist-5k", model="chollet_mnist", out=str(part.out), progress=False), dataset=digits, resume=True)
+        train(TrainConfig(data="mnist-5k", model="chollet_mnist", out=str(part), progress=False), dataset=digits, resume=True)

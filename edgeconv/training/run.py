@@ -194,6 +194,7 @@ def _metrics(job: Job, result: StrategyResult, test: Optional[dict], load_second
         "interrupted": result.interrupted,
         "train_seconds": round(seconds, 3),
         "train_images_per_second": round(result.images_seen / seconds, 1) if seconds else None,
+        "train_images_seen": result.images_seen,  # over every epoch run, resumed ones included
         "data_load_seconds": round(load_seconds, 3),
         "sizes": {"train": len(dataset.train), "val": len(dataset.val), "test": len(dataset.test) if dataset.test is not None else 0},
         "skipped_images": dataset.skipped,
