@@ -113,3 +113,20 @@ def test_a_waiting_request_gets_the_places_a_finished_one_releases_first_come_fi
         assert not b.waiters and b.pending == 6
 
     asyncio.run(scenario())
+
+
+def test_a_cancelled_waiter_leaves_the_queue():
+    """A client that goes away while it waits (or the request deadline) must not keep a place in line or in the queue."""
+
+    async def scenario():
+        b = Batcher(model=None, max_batch=4, max_delay_s=0.0, max_queue=8)
+        await b.admit(8, 0.0)
+        waiting = asyncio.ensure_future(b.admit(2, 10.0))
+        await asyncio.sleep(0.01)
+        assert len(b.waiters) == 1
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert not b.waiters and b.pending == 8
+
+    asyncio.run(scenario())
