@@ -130,3 +130,18 @@ def test_a_cancelled_waiter_leaves_the_queue():
         assert not b.waiters and b.pending == 8
 
     asyncio.run(scenario())
+
+
+def test_with_the_queue_full_a_body_over_64_kb_is_refused_before_it_is_read_and_a_small_one_is_read():
+    """Small bodies are read (their request may still find a place while it decodes); bigger ones are not buffered
+    for a queue that has no room."""
+    gate = _gate(10 * 1024 * 1024)
+    gate.batcher.pending = gate.batcher.max_queue  # full
+    small = b"s" * (64 * 1024)
+    assert _read(gate, _request([small], declared=len(small))) == small
+    with pytest.raises(HTTPError) as exc:
+        _read(gate, _request([small + b"!"], declared=len(small) + 1))
+    assert exc.value.status == 503 and exc.value.headers.get("Retry-After") == "1"
+    with pytest.raises(HTTPError):  # no Content-Length: its size is unknown, so it is not read either
+        _read(gate, _request([b"c"]))
+    gate.shutdown()
