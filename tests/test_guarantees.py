@@ -64,6 +64,21 @@ def test_accuracy_drop_gate_refuses_a_loss_and_accepts_a_gain(mnist_bundle):
     assert record["accuracy_drop_points"] == -12.5
 
 
+def test_an_artifact_that_would_fail_verify_on_its_own_reference_images_is_not_shipped(mnist_run, mnist_bundle, tmp_path, monkeypatch):
+    """The accuracy-drop gate looks at accuracy only; the bundle's reference images are also judged with the device's
+    tolerance, as `verify` will judge them. Here FP16 is held to a cosine no output can reach (1.01) to see the refusal."""
+    from edgeconv_runtime import parity
+
+    inputs = _export_inputs(mnist_run, mnist_bundle, 0.0)
+    ok = export_bundle(inputs, tmp_path / "ok", ExportOptions(precisions=("fp32", "fp16")))
+    fp16 = next(a for a in ok.artifacts if a.precision == "fp16").parity
+    assert fp16["cosine_min"] >= 0.999  # passes the real limit, so only the raised one below refuses it
+    monkeypatch.setitem(parity.TOLERANCES, "fp16", dict(parity.TOLERANCES["fp16"], cosine_min=1.01))
+    with pytest.raises(EdgeconvError, match=r"fp16 would fail `verify` on the bundle's own 8 reference images \(min cosine"):
+        export_bundle(inputs, tmp_path / "strict", ExportOptions(precisions=("fp32", "fp16")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]
+
+
 def test_recorded_accuracy_drop_is_fp32_minus_the_artifact(mnist_bundle):
     m = json.loads((mnist_bundle / "manifest.json").read_text())
     fp32 = next(a for a in m["artifacts"] if a["precision"] == "fp32")["parity"]["accuracy"]

@@ -148,6 +148,17 @@ def _gate(precision: str, report: dict, fp32_accuracy: float, max_drop: float, r
         )
 
 
+def _gate_reference(precision: str, report: dict) -> None:
+    """Refuse an artifact that would fail `verify` on this very CPU: the reference images the bundle ships, judged with
+    the device's tolerance (FP32 passes it whenever it passed its stricter export limit). Without this, a low-margin model
+    could pass the accuracy-drop gate and still ship a bundle whose server never gets ready."""
+    problems = tolerance_problems(report, precision)
+    if problems:
+        hint = "calibrate on more images (--calib-size) or try --calib-method entropy/percentile" if precision == "int8" else \
+            "export without it (--precision)"
+        raise EdgeconvError(f"{precision} would fail `verify` on the bundle's own {report['n']} reference images ({'; '.join(problems)}); {hint}")
+
+
 def _write_reference_images(folder: Path, inp: ExportInputs, k: int) -> list:
     """The encoded images behind the reference tensors, so `verify` re-checks preprocessing too."""
     folder.mkdir()
@@ -323,7 +334,13 @@ def _gated_artifacts(tmp: Path, inp: ExportInputs, opts: ExportOptions, precisio
         path = tmp / name
         if prec != "fp32":
             onnx_io.check_onnx(path)
-        report = (prec == "fp32" and fp32.report) or parity_report(ref_logits, runtime_logits(path, inp.val_x), inp.val_y)
+        if prec == "fp32" and fp32.report:
+            report = fp32.report
+        else:
+            logits = runtime_logits(path, inp.val_x)
+            report = parity_report(ref_logits, logits, inp.val_y)
+            if variant == "default" and prec != "fp32":
+                _gate_reference(prec, parity_report(ref_logits[:REFERENCE_IMAGES], logits[:REFERENCE_IMAGES]))
         report["backend"] = "onnxruntime-cpu"
         if prec == "fp32":
             fp32_accuracy = report["accuracy"]
