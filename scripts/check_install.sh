@@ -37,24 +37,15 @@ if [ -z "${PYTHON:-}" ]; then
     PYTHON=$(command -v python3.11 >/dev/null && python3.11 -c '' 2>/dev/null && command -v python3.11 || command -v python3)
 fi
 
-ROWS=()
-FAILED=0
-record() {  # check status detail
-    ROWS+=("$1"$'\t'"$2"$'\t'"$3")
-    [ "$2" = "ok" ] || FAILED=1
-}
+# shellcheck source=scripts/_rows.sh
+. "$ROOT/scripts/_rows.sh"
 expect() {  # check detail condition...: record ok when the condition command succeeds
     local name=$1 detail=$2
     shift 2
     if "$@"; then record "$name" ok "$detail"; else record "$name" FAIL "$detail"; fi
 }
 table() {
-    printf '\n%-44s %-6s %s\n' "check" "status" "detail"
-    for r in "${ROWS[@]}"; do
-        IFS=$'\t' read -r check status detail <<<"$r"
-        printf '%-44s %-6s %s\n' "$check" "$status" "$detail"
-    done
-    printf '\ncheck_install: %s (%s; logs: %s)\n' "$([ $FAILED = 0 ] && echo PASS || echo FAIL)" "$("$PYTHON" --version 2>&1)" "$LOGS"
+    print_rows check 44 check_install "$("$PYTHON" --version 2>&1); logs: $LOGS"
 }
 fresh_venv() {  # dir: a new venv with nothing but pip
     rm -rf "$1" && "$PYTHON" -m venv "$1"

@@ -23,19 +23,10 @@ EDGECONV=${EDGECONV:-$ROOT/.venv/bin/edgeconv}
 mkdir -p "$LOGS" "$PIP_CACHE_DIR" || exit 2
 rm -f "$LOGS"/*.log
 
-ROWS=()
-FAILED=0
-record() {  # step status detail
-    ROWS+=("$1"$'\t'"$2"$'\t'"$3")
-    [ "$2" = "ok" ] || FAILED=1
-}
+# shellcheck source=scripts/_rows.sh
+. "$ROOT/scripts/_rows.sh"
 table() {
-    printf '\n%-34s %-6s %s\n' "step" "status" "detail"
-    for r in "${ROWS[@]}"; do
-        IFS=$'\t' read -r step status detail <<<"$r"
-        printf '%-34s %-6s %s\n' "$step" "$status" "$detail"
-    done
-    printf '\npy38_check: %s (logs: %s)\n' "$([ $FAILED = 0 ] && echo PASS || echo FAIL)" "$LOGS"
+    print_rows step 34 py38_check "logs: $LOGS"
 }
 step() {  # name log cmd...: run, record ok/FAIL with the log's last line
     local name=$1 log=$2
