@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -69,6 +70,53 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ------------------------------------------------------------------------------------------ shared fixtures' budget
+# pytest-timeout's per-test limit (`timeout`) runs from a test's setup to its teardown, so a module- or session-scoped
+# fixture (a trained run, an exported bundle, a server) was charged to whichever test asked for it first: on a loaded
+# machine `mnist_run` alone passed 600 s and 125 tests errored. Such a fixture is built on its own clock instead: the
+# test's clock is paused while it builds (and resumes with what was left), and the build has its own, generous budget,
+# `build_timeout` in pyproject.toml. A build that passes it fails once; pytest hands that failure to every user.
+def pytest_addoption(parser):
+    parser.addini("build_timeout", "seconds a module- or session-scoped fixture may take to set up, on its own clock "
+                  "(the per-test timeout does not count it); 0: no limit", default="3600")
+
+
+class _BuildTimeout:
+    """SIGALRM-based: pauses pytest-timeout's signal timer (timeout_method = "signal") and arms the build's own."""
+
+    def __init__(self, name: str, budget: float):
+        self.name, self.budget = name, budget
+
+    def _expired(self, signum, frame):
+        pytest.fail(f"shared fixture {self.name!r} took more than {self.budget:g} s to build (build_timeout in "
+                    f"pyproject.toml; no test's own timeout was charged for it)", pytrace=False)
+
+    def __enter__(self):
+        self.handler = signal.getsignal(signal.SIGALRM)
+        self.left, _ = signal.setitimer(signal.ITIMER_REAL, 0)  # the running test's remaining time, paused
+        if self.budget > 0:
+            signal.signal(signal.SIGALRM, self._expired)
+            signal.setitimer(signal.ITIMER_REAL, self.budget)
+        return self
+
+    def __exit__(self, *exc):
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self.handler)
+        if self.left > 0:
+            signal.setitimer(signal.ITIMER_REAL, self.left)  # the test's clock resumes where it stopped
+        return False
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    """Module-/session-scoped fixtures set up under build_timeout, off the requesting test's clock (the fixtures
+    they depend on are set up before this hook, each under its own budget)."""
+    if fixturedef.scope == "function" or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        return (yield)
+    with _BuildTimeout(fixturedef.argname, float(request.config.getini("build_timeout") or 0)):
+        return (yield)
 
 
 # `make mutants` runs the same tests once per mutant: with EDGECONV_TEST_FIXTURES set, the trained runs and bundles
