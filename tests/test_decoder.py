@@ -374,3 +374,71 @@ def test_models_recorded_without_draft_keep_decoding_in_full(big_jpeg, mnist_run
 
     ck = torch.load(mnist_run / "model.pt", weights_only=True)
     assert ck["preprocess"]["jpeg_draft"] is True  # new runs record it, so their bundles decode the same way
+
+
+# ------------------------------------------------------------------ extreme aspect ratios (issue 24)
+_ASPECT_SCRIPT = r"""
+import io, resource, sys
+import numpy as np
+from PIL import Image
+from edgeconv_runtime.preprocess import Preprocess, load_pixels
+
+pngs = []
+for size in ((1, 100_000), (100_000, 1)):  # 1 x 100,000 pixels: a ~545-byte PNG
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 10)).save(buf, "PNG")
+    pngs.append(buf.getvalue())
+soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+resource.setrlimit(resource.RLIMIT_DATA, (1536 * 2**20, hard))  # resizing the short side to 224 would need 15 GB
+pre = Preprocess((224, 224), resize="shorter_center_crop", crop_pct=1.0)
+for png in pngs:
+    px = load_pixels(png, pre)
+    assert px.shape == (224, 224, 3) and (px == (200, 30, 10)).all(), (px.shape, px[0, 0])
+peak = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]  # kB; ru_maxrss would count the parent's
+print("ok", len(pngs[0]), int(peak) // 1024)
+"""
+
+
+def test_extreme_aspect_ratio_is_cropped_before_it_is_resized():
+    """A 1 x 100,000 PNG of a few hundred bytes, given to a shorter_center_crop model: resizing its short side to 224
+    first would make a 224 x 22.4 M image (15 GB); the crop is taken before the resize, so memory stays bounded. Run in
+    a child process under a 1.5 GB data limit, so the old behaviour fails there instead of exhausting the machine."""
+    r = subprocess.run([sys.executable, "-c", _ASPECT_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _, png_bytes, peak_mb = r.stdout.split()
+    assert int(png_bytes) < 1000 and int(peak_mb) < 400, r.stdout
+
+
+def _crop_as_before(img: Image.Image, pre: Preprocess) -> np.ndarray:
+    """The shorter_center_crop of release 1: resize the whole image, then crop its centre (the pixels models were trained on)."""
+    h, w = pre.size
+    short = int(round(min(h, w) / pre.crop_pct))
+    iw, ih = img.size
+    nw, nh = (short, max(short, int(round(ih * short / iw)))) if iw <= ih else (max(short, int(round(iw * short / ih))), short)
+    if (nw, nh) != (iw, ih):
+        img = img.resize((nw, nh), Image.Resampling.BILINEAR if pre.interpolation == "bilinear" else Image.Resampling.BICUBIC)
+    left, top = (nw - w) // 2, (nh - h) // 2
+    return np.asarray(img.crop((left, top, left + w, top + h)))
+
+
+@pytest.mark.parametrize("size,crop_pct,interp", [((224, 224), 0.875, "bilinear"), ((64, 64), 1.0, "bicubic"), ((128, 96), 0.95, "bilinear")])
+def test_normal_images_crop_to_the_same_pixels_as_before(catsdogs_dir, size, crop_pct, interp):
+    """Photos of ordinary shapes keep exactly the pixels of resize-then-crop: bundles answer as they were trained."""
+    pre = Preprocess(size, resize="shorter_center_crop", crop_pct=crop_pct, interpolation=interp)
+    files = sorted((catsdogs_dir / "test" / "cats").iterdir())[:12] + sorted((catsdogs_dir / "test" / "dogs").iterdir())[:12]
+    for f in files:
+        with Image.open(f) as im:
+            assert np.array_equal(load_pixels(f, pre), _crop_as_before(im.convert("RGB"), pre)), f
+
+
+@pytest.mark.parametrize("size,crop_pct", [((224, 224), 0.875), ((128, 96), 0.95), ((96, 128), 1.0)])
+def test_a_resize_beyond_the_pixel_cap_gives_the_same_crop(cat_path, tmp_path, size, crop_pct):
+    """Where the resized image would pass the pixel cap (here: a small photo enlarged, with the cap at its own size), only
+    the rows or columns the crop keeps are resized: the same picture within one grey level of resize-then-crop."""
+    pre = Preprocess(size, resize="shorter_center_crop", crop_pct=crop_pct)
+    for shape in ((90, 70), (70, 90)):
+        small = tmp_path / f"small{shape[0]}.png"
+        Image.open(cat_path).convert("RGB").resize(shape, Image.Resampling.BICUBIC).save(small)
+        want = _crop_as_before(Image.open(small).convert("RGB"), pre).astype(int)
+        got = load_pixels(small, pre, max_pixels=shape[0] * shape[1]).astype(int)
+        assert got.shape == want.shape and np.abs(got - want).max() <= 1 and (got != want).mean() < 0.05, shape

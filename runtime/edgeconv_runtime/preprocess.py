@@ -279,8 +279,13 @@ def convert_mode(img: Image.Image, channels: int, strict: bool = True) -> Image.
     return img.convert("RGB")
 
 
-def resize_image(img: Image.Image, pre: Preprocess) -> Image.Image:
-    """Apply the resize policy; returns an image of exactly ``pre.size`` (H, W)."""
+def resize_image(img: Image.Image, pre: Preprocess, max_pixels: int | None = None) -> Image.Image:
+    """Apply the resize policy; returns an image of exactly ``pre.size`` (H, W).
+
+    No step makes an image of more than ``max_pixels`` (default ``MAX_PIXELS``): where shorter_center_crop's resized
+    image would (a 1 x 100,000 strip whose short side becomes 224 is 224 x 22.4 M), only the rows or columns the crop
+    keeps are resized. Other images resize whole, then crop: the pixels the models were trained on.
+    """
     h, w = pre.size
     resample = Image.Resampling.BILINEAR if pre.interpolation == "bilinear" else Image.Resampling.BICUBIC
     if pre.resize == "stretch":
@@ -296,10 +301,17 @@ def resize_image(img: Image.Image, pre: Preprocess) -> Image.Image:
         nw, nh = short, max(short, int(round(ih * short / iw)))
     else:
         nw, nh = max(short, int(round(iw * short / ih))), short
-    if (nw, nh) != (iw, ih):
-        img = img.resize((nw, nh), resample)
     left = (nw - w) // 2
     top = (nh - h) // 2
+    if nw * nh > (MAX_PIXELS if max_pixels is None else max_pixels):  # resize only the kept span of the long side
+        if nh > nw:
+            y0, y1 = max(0, top), min(nh, top + h)
+            img, nh, top = img.resize((nw, y1 - y0), resample, box=(0, y0 * ih / nh, iw, y1 * ih / nh)), y1 - y0, top - y0
+        else:
+            x0, x1 = max(0, left), min(nw, left + w)
+            img, nw, left = img.resize((x1 - x0, nh), resample, box=(x0 * iw / nw, 0, x1 * iw / nw, ih)), x1 - x0, left - x0
+    elif (nw, nh) != (iw, ih):
+        img = img.resize((nw, nh), resample)
     return img.crop((left, top, left + w, top + h))
 
 
@@ -309,7 +321,7 @@ def load_pixels(src: ImageSource, pre: Preprocess, strict: bool = True, name: st
     img = open_image(src, name, max_pixels=max_pixels, draft=draft_size(pre))
     try:
         img = convert_mode(img, pre.channels, strict=strict)
-        img = resize_image(img, pre)
+        img = resize_image(img, pre, max_pixels)
         arr = np.asarray(img, dtype=np.uint8)
     except EdgeconvError:
         raise
