@@ -6,7 +6,7 @@ import platform
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = Path(os.environ.get("EDGECONV_DATA") or ROOT.parent / "shared" / "data").expanduser()  # `make data` fills it
 RESULTS = ROOT / "benchmarks" / "results"
 
 

@@ -2,6 +2,7 @@
 machine, benchmark against PyTorch eager, and one table with accuracy and latency per backend and precision."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,10 @@ from .exporting import ExportRequest, export_run, format_manifest
 from .model_card import extend_card
 from .training import TrainConfig, train
 
-# the official MNIST test files, looked for beside the working directory and beside this checkout
-MNIST_TEST_DIRS = (Path("../shared/data/mnist"), Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist")
+# the official MNIST test files: in $EDGECONV_DATA/mnist when that is set (`make data` fills it), else looked for
+# beside the working directory and beside this checkout (../shared/data, the default data folder)
+MNIST_TEST_DIRS = ((Path(os.environ["EDGECONV_DATA"]).expanduser() / "mnist",) if os.environ.get("EDGECONV_DATA") else
+                   (Path("../shared/data/mnist"), Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
 
 
 @dataclass

