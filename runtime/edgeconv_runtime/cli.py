@@ -11,6 +11,23 @@ from .errors import EdgeconvError
 from .manifest import RUNTIME_PRECISIONS
 
 
+class _DefaultsShown(argparse.HelpFormatter):
+    """Help that shows each option's default (`serve --help`); not None or False (off, or chosen at run time), nor
+    where the help already says its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.default in (None, False, argparse.SUPPRESS) or "(default" in text:
+            return text
+        return f"{text} (default %(default)s)".strip()
+
+
+def _backend_names() -> str:
+    from .backends import BACKENDS  # the registry: a new backend shows up in every --backend help
+
+    return ", ".join(BACKENDS)
+
+
 class _Parser(argparse.ArgumentParser):
     """No silent abbreviation, on every parser and subparser: `--batch-size` must not quietly mean `--batch-sizes`."""
 
@@ -59,7 +76,7 @@ def build_parser(prog: str = "edgeconv-runtime") -> argparse.ArgumentParser:
 
     def common(sp, precision_default=None):
         sp.add_argument("bundle", help="bundle directory (or a .onnx / .plan file)")
-        sp.add_argument("--backend", default="auto", help="auto, onnxruntime-cpu, onnxruntime-cuda, onnxruntime-tensorrt, tensorrt")
+        sp.add_argument("--backend", default="auto", help=f"auto (default), {_backend_names()}")
         sp.add_argument("--precision", default=precision_default, choices=list(RUNTIME_PRECISIONS))
         sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
 
@@ -91,8 +108,8 @@ def build_parser(prog: str = "edgeconv-runtime") -> argparse.ArgumentParser:
 
     sp = sub.add_parser("bench", help="latency/throughput per backend x precision x batch size")
     sp.add_argument("bundle", help="bundle directory, or any .onnx file (random inputs, or --data images)")
-    sp.add_argument("--backend", type=_list, default=["auto"], help="comma list")
-    sp.add_argument("--precision", type=_list, default=["fp32"], help="comma list of fp32, fp16, int8")
+    sp.add_argument("--backend", type=_list, default=["auto"], help=f"comma list of auto (default), {_backend_names()}")
+    sp.add_argument("--precision", type=_list, default=["fp32"], help=f"comma list of {', '.join(RUNTIME_PRECISIONS)} (default fp32)")
     sp.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32])
     sp.add_argument("--warmup", type=int, default=10)
     g = sp.add_mutually_exclusive_group()
@@ -106,16 +123,16 @@ def build_parser(prog: str = "edgeconv-runtime") -> argparse.ArgumentParser:
     sp.add_argument("--csv", dest="csv_path", default=None)
     sp.add_argument("--plot", dest="plot_path", default=None)
 
-    sp = sub.add_parser("serve", help="HTTP inference server with dynamic batching")
+    sp = sub.add_parser("serve", help="HTTP inference server with dynamic batching", formatter_class=_DefaultsShown)
     sp.add_argument("bundle")
     sp.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default; another address is an explicit choice)")
     sp.add_argument("--port", type=int, default=8080, help="0 picks a free port")
-    sp.add_argument("--backend", default="auto")
+    sp.add_argument("--backend", default="auto", help=f"auto or one of {_backend_names()}")
     sp.add_argument("--precision", default=None, choices=list(RUNTIME_PRECISIONS))
     sp.add_argument("--max-batch", type=int, default=32, help="1 turns dynamic batching off")
-    sp.add_argument("--max-delay-ms", type=float, default=5.0)
+    sp.add_argument("--max-delay-ms", type=float, default=5.0, help="how long a batch waits to fill")
     sp.add_argument("--max-queue", type=int, default=256, help="images waiting; beyond it requests get 503")
-    sp.add_argument("--max-body-mb", type=float, default=10.0)
+    sp.add_argument("--max-body-mb", type=float, default=10.0, help="one request's body (413)")
     sp.add_argument("--timeout-s", type=float, default=10.0, help="per-request inference timeout (504)")
     sp.add_argument("--workers", type=int, default=2, help="decode/preprocess threads")
     sp.add_argument("--threads", type=int, default=None, help="inference threads")
