@@ -273,6 +273,7 @@ def _write_fp32(tmp: Path, inp: ExportInputs, opts: ExportOptions, ref_logits: n
     else:
         onnx_io.export_onnx(inp.model, inp.preprocess.input_shape, raw, opts.opset)
     onnx_io.check_onnx(raw)
+    onnx_io.check_finite_weights(raw)  # NaN/inf weights: refused before simplifying, parity and calibration
     nodes_before = onnx_io.node_count(raw)
     report = _simplified(raw, fp32, inp, ref_logits) if opts.simplify else None
     if report is None:

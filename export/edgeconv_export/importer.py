@@ -21,6 +21,7 @@ import numpy as np
 
 from edgeconv_runtime.errors import EdgeconvError
 from edgeconv_runtime.fileio import sha256_file
+from edgeconv_runtime.plain import size_problem
 from edgeconv_runtime.preprocess import CHANNEL_ORDERS, Preprocess
 
 from . import onnx as onnx_io
@@ -107,6 +108,7 @@ def load_source(path: str):
         raise EdgeconvError(f"{p.name} is not a readable ONNX model ({str(exc).splitlines()[0][:120]}); pass an .onnx file") from exc
     if not model.graph.node:
         raise EdgeconvError(f"{p.name} holds no graph nodes; pass an ONNX model file")
+    _open_unknown_dims(model)
     if any(not o.type.tensor_type.shape.dim for o in model.graph.output):
         try:  # an exporter that left the output's shape out: ONNX's own inference fills it in
             model = onnx.shape_inference.infer_shapes(model)
@@ -115,9 +117,21 @@ def load_source(path: str):
     return model
 
 
+def _open_unknown_dims(model) -> None:
+    """Dimensions declared -1 or 0 (what TensorFlow converters and some other exporters write for "any size"; ONNX has
+    no such value, and ONNX Runtime would take 0 literally) are made what they mean: dynamic (no value)."""
+    g = model.graph
+    for vi in [*g.input, *g.output, *g.value_info]:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_value") and d.dim_value <= 0:
+                d.Clear()
+
+
 def _dims(value_info) -> list:
+    """The declared dimensions, None where dynamic: a name (dim_param), nothing, or the -1 / 0 other exporters
+    write for "any size" (ONNX itself has no such value, but TensorFlow and some converters emit it)."""
     t = value_info.type.tensor_type
-    return [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim]
 
 
 def _real_inputs(graph) -> list:
@@ -357,6 +371,18 @@ def _size(info: GraphInfo, asked: Optional[tuple]) -> tuple:
     return tuple(graph)
 
 
+def _check_size(info: GraphInfo, size: tuple, asked: Optional[tuple]) -> None:
+    """Refuse an absurd declared (or --size) input at once, before images are resized to it or memory is asked for it."""
+    item = (info.channels, *size) if info.layout == "nchw" else (*size, info.channels)
+    problem = size_problem(item, info.input_dims[0])
+    if problem and asked is not None and None in info.spatial:
+        raise EdgeconvError(f"--size {size[0]},{size[1]} makes input {info.input_name!r} {_shape_text([info.input_dims[0], *item])}: "
+                            f"{problem}; pass a smaller --size H,W")
+    if problem:
+        raise EdgeconvError(f"input {info.input_name!r} declares {_shape_text(info.input_dims)}: {problem}; fix the graph's input shape "
+                            "(re-export the model at the size it was trained for)")
+
+
 def build_preprocess(req: ImportRequest, channels: int, size: tuple) -> Preprocess:
     if req.mean is None or req.std is None:
         raise EdgeconvError("the graph does not say how pixels are normalised; pass --mean and --std "
@@ -405,6 +431,8 @@ def import_onnx(req: ImportRequest):
     info = inspect_graph(source, req.layout)
     output = req.output or ("probabilities" if info.ends_in_softmax else "logits")
     size = _size(info, req.size)
+    _check_size(info, size, req.size)
+    onnx_io.check_finite_weights(source, Path(req.onnx).name)  # before any image is read or calibrated on
     pre = build_preprocess(req, info.channels, size)
     classes = read_labels(req.labels, info.num_classes)
     info.num_classes = len(classes)

@@ -59,6 +59,48 @@ def check_onnx(path: Path) -> None:
         raise EdgeconvError(f"{path.name} failed onnx.checker: {str(exc).splitlines()[0][:200]}") from exc
 
 
+def _weight_tensors(model):
+    """(name, TensorProto) of every initializer and Constant node value, subgraphs included."""
+    def walk(graph):
+        for t in graph.initializer:
+            yield t.name, t
+        for node in graph.node:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    yield (node.output[0] if node.output else node.name), a.t
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    yield from walk(g)
+
+    return walk(model.graph)
+
+
+def check_finite_weights(path_or_model, label: str = "the model") -> None:
+    """Refuse a graph whose float weights hold NaN or inf (a diverged training run, a damaged file): no calibration,
+    parity or INT8 scale means anything for them. One line naming the first such weight and how many there are."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = path_or_model if hasattr(path_or_model, "graph") else onnx.load(str(path_or_model))
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    bad, first = 0, None
+    for name, t in _weight_tensors(model):
+        if t.data_type not in floats:
+            continue
+        a = numpy_helper.to_array(t)
+        if t.data_type == onnx.TensorProto.BFLOAT16 and a.dtype.kind != "f":  # older onnx: raw bfloat16 bits
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        n = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if n:
+            bad += 1
+            nan = int(np.count_nonzero(np.isnan(a)))
+            what = " and ".join(f"{k} {w}" for k, w in ((nan, "NaN"), (n - nan, "inf")) if k)
+            first = first or (name, what, int(a.size))
+    if first:
+        others = f" (and {bad - 1} more weight{'s' if bad > 2 else ''})" if bad > 1 else ""
+        raise EdgeconvError(f"{label} has non-finite weights: {first[0]!r} holds {first[1]} among its {first[2]} values{others}; "
+                            "the model is broken (a diverged training run or a damaged file): retrain it or export it from good weights")
+
+
 def node_count(path_or_model) -> int:
     import onnx
 

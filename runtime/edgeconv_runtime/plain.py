@@ -10,6 +10,13 @@ import numpy as np
 
 from .errors import EdgeconvError
 
+# The largest input a graph may declare (or --shape / --size ask for): a side of 8192 pixels is already far beyond
+# any classifier's input (ImageNet models take 224-600), and 3 x 8192 x 8192 float32 values are 805 MB for one image.
+# A graph that declares more (an exporter's placeholder such as [N, 3, 1000000, 1000000]) is refused at once, not
+# after minutes of resizing images to it or an allocation of terabytes.
+MAX_INPUT_SIDE = 8192
+MAX_INPUT_ELEMENTS = 3 * MAX_INPUT_SIDE * MAX_INPUT_SIDE  # values in one input tensor (one item, or one batch of them)
+
 ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64, "tensor(uint8)": np.uint8,
                "tensor(int8)": np.int8, "tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
 
@@ -49,6 +56,29 @@ class PlainGraph:
         self.backend.close()
 
 
+def image_axes(item: tuple) -> Optional[tuple]:
+    """(height, width) of one item that looks like an image (C,H,W or H,W,C with 1 or 3 channels), else None."""
+    if len(item) != 3:
+        return None
+    if item[0] in (1, 3):
+        return tuple(item[1:])
+    return tuple(item[:2]) if item[2] in (1, 3) else None
+
+
+def size_problem(item: tuple, batch: Optional[int] = None) -> Optional[str]:
+    """What is absurd about an input of one item shaped ``item`` (None where open) in batches of ``batch``, or None."""
+    hw = image_axes(item)
+    if hw and any(d is not None and d > MAX_INPUT_SIDE for d in hw):
+        return f"{hw[0]} x {hw[1]} pixels, over the {MAX_INPUT_SIDE}-pixel side edgeconv accepts"
+    known = [d for d in item if d is not None]
+    n = int(np.prod(known, dtype=np.float64)) if known else 0
+    if n > MAX_INPUT_ELEMENTS:
+        return f"{n:,} values per item, over the {MAX_INPUT_ELEMENTS:,} edgeconv accepts"
+    if batch and n * batch > MAX_INPUT_ELEMENTS:
+        return f"{n * batch:,} values in a batch of {batch}, over the {MAX_INPUT_ELEMENTS:,} edgeconv accepts in one input"
+    return None
+
+
 def graph_input(path: Path) -> tuple:
     """(name, dims with None where symbolic, numpy dtype) of the graph's first input."""
     import onnxruntime as ort
@@ -61,7 +91,11 @@ def graph_input(path: Path) -> tuple:
         raise EdgeconvError(f"ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0][:160]}") from exc
     if inp.type not in ONNX_DTYPES:
         raise EdgeconvError(f"{path.name} takes {inp.type}; bench feeds numeric tensors")
-    return inp.name, [d if isinstance(d, int) else None for d in inp.shape], ONNX_DTYPES[inp.type]
+    return inp.name, [d if isinstance(d, int) and d > 0 else None for d in inp.shape], ONNX_DTYPES[inp.type]
+
+
+def _shape_text(dims) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
 def item_shape(path: Path, dims: list, shape: Optional[tuple]) -> tuple:
@@ -103,6 +137,14 @@ def graph_target(cfg) -> BenchTarget:
         raise EdgeconvError(f"model not found: {cfg.bundle}; pass a bundle directory or an .onnx file")
     _, dims, dtype = graph_input(path)
     item = item_shape(path, dims, cfg.shape)
+    problem = size_problem(item, dims[0])
+    if problem:
+        given = "--shape asks for" if cfg.shape and None in dims[1:] else "the graph declares"
+        raise EdgeconvError(f"{path.name}: {given} an input of {_shape_text([dims[0], *item])}: {problem}; "
+                            + ("pass a smaller --shape" if given.startswith("--") else "fix the graph's input shape (re-export it at its real size)"))
+    problem = size_problem(item, max(cfg.batch_sizes)) if dims[0] is None else None
+    if problem:
+        raise EdgeconvError(f"{path.name} takes items of {_shape_text(list(item))}: {problem}; pass smaller --batch-sizes")
     n = max(cfg.batch_sizes) if dims[0] is None else dims[0]
     if cfg.data:
         x = image_inputs(cfg.data, item, n).astype(dtype)

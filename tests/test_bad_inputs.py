@@ -1,0 +1,206 @@
+"""Foreign models, broken weights and sources that end early: what other frameworks' exports, diverged training runs,
+interrupted copies and stalled cameras hand edgeconv. Each gets a clear one-line error (or, for a batch axis declared
+-1, a working import), never a traceback, a hang or a silent exit 0.
+
+The models are real: a small torch network exported with torch.onnx.export, then edited with the onnx API the way
+other exporters write them; parity, calibration and streams run on real cats_and_dogs_small photos.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SIZE = 32
+NORM = ["--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25"]
+
+
+def cli(module: str, *args, timeout: float = 300, code: str | None = None):
+    """``python -m MODULE args`` (or ``python -c CODE args``), as a user runs it; a hang fails the test at ``timeout``."""
+    head = ["-c", code] if code else ["-m", module]
+    return subprocess.run([sys.executable, *head, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(r, needle: str) -> None:
+    assert r.returncode != 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr[-3000:]
+    assert needle in r.stderr, r.stderr
+
+
+def _module():
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, stride=2), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 2)).eval()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A plain torch.onnx.export of a small convnet (fixed batch 1, input `input.1`), and a labels file."""
+    import torch
+
+    root = tmp_path_factory.mktemp("foreign")
+    path = root / "plain.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_module(), (torch.zeros(1, 3, SIZE, SIZE),), str(path), opset_version=17, dynamo=False)
+    (root / "labels.txt").write_text("cats\ndogs\n")
+    return path
+
+
+def edited(src: Path, out: Path, edit) -> Path:
+    import onnx
+
+    m = onnx.load(str(src))
+    edit(m)
+    onnx.save(m, str(out))
+    return out
+
+
+def _batch_dim(value: int):
+    def edit(m):
+        for vi in [*m.graph.input, *m.graph.output]:
+            d = vi.type.tensor_type.shape.dim[0]
+            d.Clear()
+            d.dim_value = value
+
+    return edit
+
+
+def _poison(value: float, count: int = 3):
+    def edit(m):
+        from onnx import numpy_helper
+
+        w = next(t for t in m.graph.initializer if t.dims and len(t.dims) == 4)  # the first conv's weight
+        a = numpy_helper.to_array(w).copy()
+        a.flat[:count] = value
+        w.CopyFrom(numpy_helper.from_array(a, w.name))
+
+    return edit
+
+
+def _spatial(h: int | None, w: int | None):
+    def edit(m):
+        if h is None:
+            _batch_dim(-1)(m)
+        dims = m.graph.input[0].type.tensor_type.shape.dim
+        for d, v in ((dims[2], h), (dims[3], w)):
+            d.Clear()
+            if v is None:
+                d.dim_param = "side"
+            else:
+                d.dim_value = v
+
+    return edit
+
+
+# ---------------------------------------------------------------------------------------------- import: batch axis -1 / 0
+@pytest.mark.parametrize("value", [-1, 0])
+def test_import_batch_axis_declared_minus_one_or_zero_is_dynamic(source, catsdogs_dir, tmp_path, value):
+    """TensorFlow converters write dim_value -1 (some 0) for "any batch": imported as dynamic, calibrated INT8 included."""
+    import onnxruntime as ort
+
+    src = edited(source, tmp_path / f"batch{value}.onnx", _batch_dim(value))
+    out = tmp_path / "bundle"
+    r = cli("edgeconv", "import", src, "--out", out, "--labels", source.parent / "labels.txt", *NORM,
+            "--calib-data", catsdogs_dir / "train", "--calib-size", 40, "--val-data", catsdogs_dir / "validation", "--val-size", 24,
+            "--precision", "fp32,int8", "--max-accuracy-drop", 100)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["input"]["shape"] == ["batch", 3, SIZE, SIZE] and m["source"]["input"]["shape"] == f"[?, 3, {SIZE}, {SIZE}]"
+    for precision in ("fp32", "int8"):
+        v = cli("edgeconv_runtime", "verify", out, "--precision", precision)
+        assert v.returncode == 0 and v.stdout.startswith("verify OK"), v.stdout + v.stderr
+    # the bundle answers like the unedited source, one image at a time
+    from edgeconv_runtime import Model
+
+    files = sorted((catsdogs_dir / "test" / "cats").iterdir())[:3]
+    with Model.load(out, backend="onnxruntime-cpu") as model:
+        x = model.preprocess_images(files)
+        got = model.run(x)
+    sess = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    want = np.concatenate([sess.run(None, {"input.1": x[i : i + 1]})[0] for i in range(len(x))])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- non-finite weights
+@pytest.mark.parametrize("value,word", [(float("nan"), "3 NaN"), (float("inf"), "3 inf")])
+def test_import_refuses_non_finite_weights_before_calibration(source, catsdogs_dir, tmp_path, value, word):
+    src = edited(source, tmp_path / "broken.onnx", _poison(value))
+    out = tmp_path / "bundle"
+    t0 = time.perf_counter()
+    r = cli("edgeconv", "import", src, "--out", out, "--labels", source.parent / "labels.txt", *NORM,
+            "--calib-data", catsdogs_dir / "train", "--calib-size", 40, "--val-data", catsdogs_dir / "validation", "--val-size", 24,
+            "--precision", "fp32,int8", "--max-accuracy-drop", 100)
+    one_line_error(r, "broken.onnx has non-finite weights: '0.weight' holds")
+    assert f"holds {word} among its 216 values" in r.stderr and "retrain" in r.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == [src]
+    print(f"\n{r.stderr.strip()} ({time.perf_counter() - t0:.1f} s)")
+
+
+def test_export_refuses_a_checkpoint_with_nan_weights(catsdogs_tiny, tmp_path):
+    """`edgeconv export` of a run whose weights went NaN (a diverged run): one line at the FP32 graph, before INT8 calibration."""
+    import torch
+
+    from edgeconv.checkpoint import save_checkpoint
+    from edgeconv.models import create_model
+    from edgeconv_runtime.preprocess import Preprocess
+
+    torch.manual_seed(0)
+    model = create_model("chollet_mnist", num_classes=2, in_channels=3, input_size=(SIZE, SIZE))
+    with torch.no_grad():
+        p = next(p for p in model.parameters() if p.ndim == 4)
+        p.view(-1)[:5] = float("nan")
+    pre = Preprocess(size=(SIZE, SIZE), channels=3)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(run / "model.pt", model, {"model": {"name": "chollet_mnist", "kwargs": {}}, "classes": ["cats", "dogs"],
+                                              "preprocess": pre.to_dict(), "data": {"source": str(catsdogs_tiny / "train")}})
+    out = tmp_path / "bundle"
+    r = cli("edgeconv", "export", run, "--out", out, "--precision", "fp32,int8", "--val-data", catsdogs_tiny / "validation",
+            "--calib-data", catsdogs_tiny / "train", "--calib-size", 40)
+    one_line_error(r, "has non-finite weights: ")
+    assert "holds 5 NaN among its" in r.stderr and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- absurd declared sizes
+def test_import_refuses_an_absurd_declared_input_at_once(source, catsdogs_dir, tmp_path):
+    """[1, 3, 1000000, 1000000]: refused before any image is resized to it (it used to grind for 300 s); --size too."""
+    huge = edited(source, tmp_path / "huge.onnx", _spatial(1000000, 1000000))
+    common = ["--labels", source.parent / "labels.txt", *NORM, "--val-data", catsdogs_dir / "validation", "--val-size", 24,
+              "--precision", "fp32"]
+    t0 = time.perf_counter()
+    r = cli("edgeconv", "import", huge, "--out", tmp_path / "a", *common, timeout=90)
+    one_line_error(r, "input 'input.1' declares [1, 3, 1000000, 1000000]: 1000000 x 1000000 pixels, over the 8192-pixel side")
+    assert time.perf_counter() - t0 < 60 and not (tmp_path / "a").exists()
+    dynamic = edited(source, tmp_path / "dynamic.onnx", _spatial(None, None))
+    r = cli("edgeconv", "import", dynamic, "--out", tmp_path / "b", *common, "--size", "20000,20000", timeout=90)
+    one_line_error(r, "--size 20000,20000 makes input 'input.1' [?, 3, 20000, 20000]")
+    assert "pass a smaller --size" in r.stderr and not (tmp_path / "b").exists()
+
+
+def test_bench_refuses_an_absurd_plain_graph_at_once(source, catsdogs_dir, tmp_path):
+    """`edgeconv-runtime bench FILE.onnx` (the plain-ONNX path), with random inputs and with --data images."""
+    from edgeconv_runtime.plain import MAX_INPUT_SIDE
+
+    huge = edited(source, tmp_path / "huge.onnx", _spatial(1000000, 1000000))
+    for extra in ([], ["--data", catsdogs_dir / "validation"]):
+        t0 = time.perf_counter()
+        r = cli("edgeconv_runtime", "bench", huge, "--iterations", 2, *extra, timeout=90)
+        one_line_error(r, f"huge.onnx: the graph declares an input of [1, 3, 1000000, 1000000]: 1000000 x 1000000 pixels, "
+                          f"over the {MAX_INPUT_SIDE}-pixel side")
+        assert time.perf_counter() - t0 < 60
+    dynamic = edited(source, tmp_path / "dynamic.onnx", _spatial(None, None))
+    r = cli("edgeconv_runtime", "bench", dynamic, "--shape", f"3,{MAX_INPUT_SIDE + 1},64", "--iterations", 2, timeout=90)
+    one_line_error(r, "--shape asks for")
+    r = cli("edgeconv_runtime", "bench", dynamic, "--shape", "3,4096,4096", "--iterations", 2, "--batch-sizes", "1,32", timeout=90)
+    one_line_error(r, "pass smaller --batch-sizes")  # one item fits; 32 of them (6.4 GB of float32 values a call) do not
+    r = cli("edgeconv_runtime", "bench", dynamic, "--shape", f"3,{SIZE},{SIZE}", "--iterations", 2, "--batch-sizes", "1", timeout=120)
+    assert r.returncode == 0, r.stderr  # a sane size still runs
