@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 import warnings
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +206,126 @@ def test_bench_refuses_an_absurd_plain_graph_at_once(source, catsdogs_dir, tmp_p
     one_line_error(r, "pass smaller --batch-sizes")  # one item fits; 32 of them (6.4 GB of float32 values a call) do not
     r = cli("edgeconv_runtime", "bench", dynamic, "--shape", f"3,{SIZE},{SIZE}", "--iterations", 2, "--batch-sizes", "1", timeout=120)
     assert r.returncode == 0, r.stderr  # a sane size still runs
+
+
+# ---------------------------------------------------------------------------------------------- streams that end early
+FRAME = (96, 96)
+
+
+def _cv2():
+    return pytest.importorskip("cv2", reason="streams need OpenCV: pip install opencv-python-headless (in the dev extra)")
+
+
+@pytest.fixture(scope="module")
+def bundle(source, catsdogs_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stream") / "bundle"
+    r = cli("edgeconv", "import", source, "--out", out, "--labels", source.parent / "labels.txt", *NORM,
+            "--val-data", catsdogs_dir / "validation", "--val-size", 16, "--precision", "fp32")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def photos(catsdogs_dir):
+    """Real test photos at the video's frame size, BGR (OpenCV's order)."""
+    cv2 = _cv2()
+    files = [f for cls in ("cats", "dogs") for f in sorted((catsdogs_dir / "test" / cls).iterdir())[:10]]
+    return [cv2.resize(cv2.imread(str(f)), FRAME, interpolation=cv2.INTER_AREA) for f in files]
+
+
+def write_avi(path: Path, frames_bgr, hold: int = 3) -> Path:
+    cv2 = _cv2()
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, FRAME)
+    assert w.isOpened(), "OpenCV cannot write MJPG here"
+    for f in frames_bgr:
+        for _ in range(hold):
+            w.write(f)
+    w.release()
+    return path
+
+
+def test_truncated_avi_keeps_its_frames_and_exits_non_zero(bundle, photos, tmp_path):
+    full = write_avi(tmp_path / "full.avi", photos)  # 60 frames
+    data = full.read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: len(data) // 2])  # an interrupted copy: header and index say 60 frames
+    r = cli("edgeconv_runtime", "predict", bundle, "--source", full, "--json", timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr  # the complete file still ends cleanly
+    assert json.loads(r.stdout.splitlines()[-1])["summary"]["frames"] == 60
+    r = cli("edgeconv_runtime", "predict", bundle, "--source", cut, "--json", timeout=120)
+    one_line_error(r, f"{cut} ended after ")
+    assert "of the 60 frames its container declares: the video is truncated or damaged" in r.stderr
+    lines = r.stdout.splitlines()
+    summary = json.loads(lines[-1])["summary"]
+    frames = [json.loads(l) for l in lines[:-1]]
+    assert 20 <= len(frames) < 60 and [f["frame"] for f in frames] == list(range(len(frames)))  # what was read is kept
+    assert summary["frames"] == len(frames) and summary["frame_count"] == 60 and summary["problem"] in r.stderr
+    assert r.returncode == 1
+    # every=2 reaches the cut through grab(); the plain-text summary says it ended early
+    r = cli("edgeconv_runtime", "predict", bundle, "--source", cut, "--every", 2, timeout=120)
+    assert r.returncode == 1 and "truncated or damaged" in r.stderr and ", ended early]" in r.stdout.splitlines()[-1]
+    # the Python API: every frame read is handed out, then the iteration says why there are no more
+    from edgeconv_runtime import Model
+    from edgeconv_runtime.stream import SourceEndedEarly
+
+    got = []
+    with Model.load(bundle) as model, model.stream(cut, batch=4) as stream:
+        with pytest.raises(SourceEndedEarly, match="truncated or damaged"):
+            for p in stream:
+                got.append(p.frame)
+        assert got == list(range(len(frames))) and stream.summary()["problem"]
+
+
+class _StallingCamera(BaseHTTPRequestHandler):
+    """An IP camera's MJPEG stream (multipart/x-mixed-replace) that sends some frames, then stops sending (not closing)."""
+
+    frames: list = []
+    release = threading.Event()
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+        self.end_headers()
+        try:
+            for jpg in self.frames:
+                self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg) + jpg + b"\r\n")
+            self.wfile.flush()
+        except OSError:
+            return
+        self.release.wait(60)  # the stall: the connection stays open, nothing more comes
+
+
+@pytest.fixture
+def stalling_camera(photos):
+    cv2 = _cv2()
+    _StallingCamera.frames = [cv2.imencode(".jpg", f)[1].tobytes() for f in photos[:8]]
+    _StallingCamera.release = threading.Event()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StallingCamera)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/video.mjpg"
+    finally:
+        _StallingCamera.release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_http_stream_that_stalls_exits_non_zero_after_its_frames(bundle, stalling_camera):
+    from edgeconv_runtime.stream import READ_TIMEOUT_MS
+
+    t0 = time.perf_counter()
+    r = cli("edgeconv_runtime", "predict", bundle, "--source", stalling_camera, "--json", timeout=READ_TIMEOUT_MS / 1000 + 90)
+    took = time.perf_counter() - t0
+    one_line_error(r, f"{stalling_camera} stalled: no frame for ")
+    assert r.returncode == 1 and "check the camera or server and the network" in r.stderr
+    lines = r.stdout.splitlines()
+    frames, summary = [json.loads(l) for l in lines[:-1]], json.loads(lines[-1])["summary"]
+    assert [f["frame"] for f in frames] == list(range(8)) and summary["frames"] == 8 and summary["problem"] in r.stderr
+    assert took < READ_TIMEOUT_MS / 1000 + 60
+    print(f"\nstalled stream: {r.stderr.strip()} ({took:.1f} s)")

@@ -189,11 +189,53 @@ def test_tritonclient_sees_400_for_a_wrong_datatype(client, name):
     assert exc.value.status() == "400" and "it takes FP32" in exc.value.message()
 
 
-def test_admission_limit_answers_503_through_v2(v2_server, client, catsdogs_tiny, name):
+def test_a_batch_over_the_queue_limit_is_413_through_v2_and_v1(v2_server, client, catsdogs_tiny, name):
+    """More images than --max-queue can never be admitted: 413 naming the limit (a 503 would be retried for ever)."""
     files = jpegs(catsdogs_tiny, 2)[:1] * (MAX_QUEUE + 1)
     with pytest.raises(InferenceServerException) as exc:
         client.infer(name, [_images(files)])
-    assert exc.value.status() == "503" and "queue is full" in exc.value.message()
+    assert exc.value.status() == "413" and f"--max-queue {MAX_QUEUE}" in exc.value.message(), exc.value.message()
     assert client.infer(name, [_images(files[:MAX_QUEUE])]).as_numpy("logits").shape[0] == MAX_QUEUE
+    r = httpx.post(v2_server.url + "/v1/predict", json={"images": [base64.b64encode(f.read_bytes()).decode() for f in files]}, timeout=60)
+    assert r.status_code == 413 and f"--max-queue {MAX_QUEUE}" in r.json()["error"], r.text[:300]
     metrics = httpx.get(v2_server.url + "/metrics").text
-    assert 'edgeconv_v2_infer_requests_total{status="503"}' in metrics and 'edgeconv_v2_infer_requests_total{status="200"}' in metrics
+    assert 'edgeconv_v2_infer_requests_total{status="413"}' in metrics and 'edgeconv_v2_infer_requests_total{status="200"}' in metrics
+
+
+@pytest.mark.parametrize("value", [b"\xb2", b"1\xb9", b"\xd9\xa3", b"9" * 5000, b"99999999999999999999", b"+5", b"-1", b"5 5", b""],
+                         ids=["superscript-2", "1-superscript-1", "arabic-3", "5000-digits", "20-digits", "plus", "minus", "space", "empty"])
+def test_header_length_that_is_not_a_plain_number_is_400(v2_server, name, value):
+    """Inference-Header-Content-Length must be ASCII digits no larger than the body: Unicode digits (which str.isdigit
+    accepts and int() may not) and numbers int() refuses to read are 400 with the protocol's error body, never 500."""
+    r = httpx.post(f"{v2_server.url}/v2/models/{name}/infer", content=b'{"inputs": []}', headers={"Inference-Header-Content-Length": value})
+    assert r.status_code == 400 and "Inference-Header-Content-Length" in r.json()["error"], (r.status_code, r.text[:300])
+
+
+def test_binary_bytes_that_do_not_match_their_shape_are_refused_at_the_first_extra_element(v2_server, name):
+    """Shape [1] over 9.6 MB of binary BYTES data (2.4 million empty elements): refused once a second element shows,
+    not after walking every one of them on the event loop (which froze the server for seconds)."""
+    raw = b"\x00" * 9_600_000
+    head = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    r = httpx.post(f"{v2_server.url}/v2/models/{name}/infer", content=head + raw, headers={"Inference-Header-Content-Length": str(len(head))},
+                   timeout=60)
+    assert r.status_code == 400 and "more than the 1 element" in r.json()["error"], (r.status_code, r.text[:300])
+    assert httpx.get(v2_server.url + "/healthz").status_code == 200
+
+
+def test_max_json_mb_applies_to_v2(v2_server, catsdogs_tiny, name):
+    """A 9 MiB JSON request is over the default --max-json-mb 8 (and under --max-body-mb 10): 413 on v2 as on v1, from
+    the declared sizes, before the body is read, whether the whole body is JSON or only its header part (binary tensor
+    data extension). Sent on a raw socket without its body: the answer must come from the headers alone."""
+    from test_serve_limits import raw
+
+    size = 9 * 2**20
+    for path, extra in ((f"/v2/models/{name}/infer", b""), (f"/v2/models/{name}/infer", b"Inference-Header-Content-Length: %d\r\n" % size),
+                        ("/v1/predict", b"")):
+        head = (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n"
+                % (path.encode(), size, extra))
+        status, _ = raw(v2_server.url, head, read_timeout=30)
+        assert status == 413, (path, extra, status)
+    b64 = base64.b64encode(jpegs(catsdogs_tiny, 2)[0].read_bytes()).decode()
+    doc = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}], "parameters": {"pad": "x" * (2 * 2**20)}}
+    r = httpx.post(f"{v2_server.url}/v2/models/{name}/infer", json=doc, timeout=60)  # under the limit: served
+    assert r.status_code == 200, r.text[:300]

@@ -16,10 +16,15 @@ from typing import Optional
 import numpy as np
 
 from .errors import EdgeconvError, ImageTooLarge
+from .preprocess import declared_pixels
 
 log = logging.getLogger("edgeconv.serve")
 
-LARGE_PAYLOAD = 1024 * 1024  # requests with more image bytes than this decode in their own thread
+# A request decodes in the big-image lane (its own thread) when its images carry more bytes than LARGE_PAYLOAD or their
+# headers declare more pixels than LARGE_PIXELS (about Full HD): a 36-megapixel PNG of flat colour is a 100 KB file.
+LARGE_PAYLOAD = 1024 * 1024
+LARGE_PIXELS = 2_000_000
+INLINE_BYTES = 64 * 1024  # request bodies up to this are parsed on the event loop; larger ones in a decode thread
 CLOSE = {"Connection": "close"}  # the body was not (fully) read: do not keep the connection for another request
 RETRY = {"Retry-After": "1"}
 
@@ -138,6 +143,13 @@ class Batcher:
             i += len(x)
 
 
+def whole_number(text: Optional[str]) -> Optional[int]:
+    """A header's value as a whole number when it is 1 to 18 ASCII digits, else None. ``str.isdigit`` alone also
+    accepts '²' or '١' (which ``int`` refuses or reads), and ``int`` refuses more than 4300 digits."""
+    t = (text or "").strip()
+    return int(t) if 0 < len(t) <= 18 and t.isascii() and t.isdigit() else None
+
+
 class HTTPError(Exception):
     def __init__(self, status: int, message: str, headers: Optional[dict] = None):
         super().__init__(message)
@@ -167,8 +179,8 @@ class Admission:
         self.cfg, self.batcher, self.on_queue = cfg, batcher, on_queue or (lambda depth: None)
         self.inflight_bytes = 0  # body bytes reserved by requests in progress; released when the response has gone
         self.decode_pool = ThreadPoolExecutor(max_workers=max(1, cfg.workers), thread_name_prefix="edgeconv-decode")
-        # requests carrying over LARGE_PAYLOAD bytes of images decode in their own thread, so that a burst of big
-        # photos queues behind itself and not in front of ordinary requests
+        # requests with big images (LARGE_PAYLOAD bytes or LARGE_PIXELS pixels) decode in their own thread, so that a
+        # burst of big photos queues behind itself and not in front of ordinary requests
         self.large_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeconv-decode-large")
 
     def shutdown(self) -> None:
@@ -194,8 +206,7 @@ class Admission:
         """
         cfg, batcher = self.cfg, self.batcher
         limit = cfg.max_body_bytes if limit is None else min(limit, cfg.max_body_bytes)
-        length = request.headers.get("content-length")
-        declared = int(length) if length is not None and length.strip().isdigit() else None
+        declared = whole_number(request.headers.get("content-length"))
         if declared is not None and declared > limit:
             raise HTTPError(413, f"body of {declared} bytes exceeds the {limit}-byte limit", CLOSE)
         if (declared is None or declared > 64 * 1024) and batcher.pending >= batcher.max_queue:
@@ -220,13 +231,26 @@ class Admission:
             raise HTTPError(408, f"the body did not arrive within {cfg.body_timeout_s} s", CLOSE)
         return b"".join(chunks)
 
+    async def parse(self, body: bytes, fn, *args):
+        """``fn(body, *args)``: inline for a body up to INLINE_BYTES, else in a decode thread (the big-image lane over
+        LARGE_PAYLOAD), so that parsing megabytes of JSON or of binary tensor data never stalls the event loop."""
+        if len(body) <= INLINE_BYTES:
+            return fn(body, *args)
+        pool = self.large_pool if len(body) > LARGE_PAYLOAD else self.decode_pool
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, body, *args)
+
     async def infer(self, n: int, prepare, payload) -> np.ndarray:
         """Admission before any decoding, decoding in the pool, batched inference within --timeout-s.
 
-        Raises HTTPError: 503 with Retry-After when the queue is full, 413 for an image whose header
-        declares more pixels than the cap, 400 for other input that does not decode, 504 when decoding
-        plus inference take longer than --timeout-s. /v1/predict and the v2 protocol both go through here.
+        Raises HTTPError: 413 for more images than --max-queue (never admitted, however long the client retries), 503
+        with Retry-After when the queue is full, 413 for an image whose header declares more pixels than the cap, 400
+        for other input that does not decode, 504 when decoding plus inference take longer than --timeout-s.
+        /v1/predict and the v2 protocol both go through here.
         """
+        limit = self.batcher.max_queue
+        if n > limit:
+            raise HTTPError(413, f"{n} images in one request, more than this server ever admits at once (--max-queue {limit}); "
+                                 f"send at most {limit} per request")
         try:
             await self.batcher.admit(n, self.cfg.admit_wait_s)
         except QueueFull:
@@ -239,10 +263,21 @@ class Admission:
         finally:
             self.batcher.release(n)
 
+    @staticmethod
+    def _prepare_light(prepare, payload):
+        """``prepare(payload)`` in an ordinary decode thread, or None (nothing decoded) for images that belong in the
+        big-image lane: more than LARGE_PAYLOAD bytes, or headers declaring more than LARGE_PIXELS pixels."""
+        if isinstance(payload, list) and (sum(len(b) for b in payload) > LARGE_PAYLOAD
+                                          or sum(declared_pixels(b) for b in payload) > LARGE_PIXELS):
+            return None
+        return prepare(payload)
+
     async def _decode_and_run(self, prepare, payload) -> np.ndarray:
-        large = isinstance(payload, list) and sum(len(b) for b in payload if isinstance(b, bytes)) > LARGE_PAYLOAD
+        loop = asyncio.get_running_loop()
         try:
-            x = await asyncio.get_running_loop().run_in_executor(self.large_pool if large else self.decode_pool, prepare, payload)
+            x = await loop.run_in_executor(self.decode_pool, self._prepare_light, prepare, payload)
+            if x is None:  # big images queue behind each other in their own thread, not in front of ordinary requests
+                x = await loop.run_in_executor(self.large_pool, prepare, payload)
         except EdgeconvError as exc:
             raise HTTPError(413 if isinstance(exc, ImageTooLarge) else 400, str(exc))
         except Exception as exc:  # a decoder failure nothing mapped (Pillow raises many types): still the input's fault

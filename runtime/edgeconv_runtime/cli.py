@@ -83,6 +83,7 @@ def build_parser(prog: str = "edgeconv-runtime") -> argparse.ArgumentParser:
     sp = sub.add_parser("predict", help="top-k classes for images, or for the frames of a video, stream or camera",
                         epilog="With --source: one line per classified frame (frame, time in the source, latency, top-k), then a "
                                "summary (frames, frames/s, latency percentiles). Exit 0 at the end of the source or --max-frames; "
+                               "exit 1 (after the summary) when the source ends early: a truncated video, a stream that stalls; "
                                "Ctrl-C ends the stream after the current batch, prints the summary and exits 130.")
     common(sp)
     sp.add_argument("images", nargs="*", help="image files (or --source)")
@@ -177,7 +178,7 @@ def _check_predict(args) -> None:
 
 
 def _predict_stream(model, args) -> int:
-    from .stream import FRAME_HEADER, format_frame, format_summary, stop_on_sigint
+    from .stream import FRAME_HEADER, SourceEndedEarly, format_frame, format_summary, stop_on_sigint
 
     stream = model.stream(args.source, every=args.every or 1, max_frames=args.max_frames, batch=args.batch or 1, top_k=args.top_k)
     with stream, stop_on_sigint(stream):
@@ -188,9 +189,27 @@ def _predict_stream(model, args) -> int:
                 print(json.dumps(p.to_dict()) if args.json else format_frame(p), flush=True)
         except KeyboardInterrupt:  # a second Ctrl-C, or one outside the stream's loop
             stream.interrupted = True
+        except SourceEndedEarly:  # a truncated file, a stalled stream: the frames above stand, the summary says so
+            pass
         summary = stream.summary()
     print(json.dumps({"summary": summary}) if args.json else format_summary(summary), flush=True)
-    return 130 if summary["interrupted"] else 0
+    if summary["interrupted"]:
+        return 130
+    if summary["problem"]:
+        print(f"error: {summary['problem']}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def _trust_key(args) -> None:
+    """--public-key: every bundle this command opens (Model.load, serve, bench, stream) must be signed by it."""
+    from pathlib import Path
+
+    from .signing import set_trusted_key
+
+    if not Path(args.bundle).is_dir():
+        raise EdgeconvError(f"--public-key checks a bundle's signature, and {args.bundle} is not a bundle directory; pass the bundle")
+    set_trusted_key(args.public_key)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:

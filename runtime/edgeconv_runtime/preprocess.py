@@ -240,6 +240,16 @@ def open_image(src: ImageSource, name: str | None = None, max_pixels: int | None
             fp.close()
 
 
+def declared_pixels(data: bytes) -> int:
+    """Width x height that the header of an encoded image declares, nothing decoded; 0 where no accepted header can be
+    read (decoding then says why)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS)) as img:
+            return img.size[0] * img.size[1]
+    except Exception:
+        return 0
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())[:200]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -203,7 +203,7 @@ def create_app(cfg: ServeConfig, model=None):
             body = await gate.read_body(request, cfg.max_json_bytes if ctype == "application/json" else None)
             top_k = cfg.top_k
             if ctype == "application/json":
-                blobs, top_k = _parse_json(body, top_k)
+                blobs, top_k = await gate.parse(body, _parse_json, top_k)
             else:
                 blobs = [body]
             logits = await gate.infer(len(blobs), model.preprocess_images, blobs)

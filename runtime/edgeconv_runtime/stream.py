@@ -27,6 +27,15 @@ READ_TIMEOUT_MS = 10000
 _CSI = re.compile(r"csi://(\d+)$")
 _V4L2 = re.compile(r"/dev/video(\d+)$")
 _NETWORK = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
+# A source that ends short of the frame count its container declares is truncated or damaged. Counts of containers
+# without a frame index (MKV, WebM) are OpenCV's estimate (duration x fps), which can be a frame or so off: a
+# shortfall is an error beyond this slack.
+FRAME_COUNT_SLACK = (2, 0.005)  # frames, and a fraction of the declared count: the larger of the two
+
+
+class SourceEndedEarly(EdgeconvError):
+    """The source stopped giving frames before its end: a truncated or damaged file, or a stream that stalled. Raised
+    by the iteration after every frame read has been classified and yielded; ``summary()["problem"]`` says it too."""
 
 
 def import_cv2():
@@ -138,6 +147,9 @@ class PredictionStream:
         self.latencies_ms: List[float] = []
         self.infer_ms: List[float] = []
         self.interrupted = False
+        self.problem: Optional[str] = None  # why the source ended early (truncated, stalled), or None
+        count = float(self._cap.get(self._cv2.CAP_PROP_FRAME_COUNT) or 0.0)
+        self.frame_count = int(count) if math.isfinite(count) and 0 < count < 2**53 else None  # None: live or unknown
         self._stop = False
         self._t_begin: Optional[float] = None
         self._t_end: Optional[float] = None
@@ -155,14 +167,32 @@ class PredictionStream:
         self._raw_prev = raw
         return raw - self._raw0 if self._source_clock else (t_capture - self._t_first) * 1000.0
 
+    def _ended_early(self, t_read: float) -> Optional[str]:
+        """Why the source gave no more frames (the failed read began at ``t_read``), when that is not its normal end;
+        None for the end of a complete video."""
+        if self._stop:  # Ctrl-C or stop() while a read was waiting
+            return None
+        waited = time.perf_counter() - t_read
+        if self.source.lower().startswith(_NETWORK) and waited >= 0.8 * READ_TIMEOUT_MS / 1000.0:
+            return (f"{self.source} stalled: no frame for {waited:.0f} s after frame {self.frames_read - 1}; check the camera or server "
+                    f"and the network, then run again")
+        declared = self.frame_count
+        if declared is not None and declared - self.frames_read > max(FRAME_COUNT_SLACK[0], FRAME_COUNT_SLACK[1] * declared):
+            return (f"{self.source} ended after {self.frames_read} of the {declared} frames its container declares: the video is "
+                    f"truncated or damaged (an interrupted copy or recording?); copy or record it again")
+        return None
+
     def _frames(self) -> Iterator[tuple]:
-        """(index, timestamp ms, capture time, BGR frame) of every ``every``-th frame until the source ends or stop()."""
+        """(index, timestamp ms, capture time, BGR frame) of every ``every``-th frame until the source ends or stop();
+        a source that ends early (truncated, stalled) sets ``problem``."""
         index = -1
         taken = 0
         while not self._stop and (self.max_frames is None or taken < self.max_frames):
             index += 1
+            t_read = time.perf_counter()
             if index % self.every:
                 if not self._cap.grab():
+                    self.problem = self._ended_early(t_read)
                     return
                 self.frames_read += 1
                 continue
@@ -170,6 +200,7 @@ class PredictionStream:
             if not ok or frame is None:
                 if index == 0:
                     raise EdgeconvError(f"no frames could be read from {self.source}; is it a complete video file or a live source?")
+                self.problem = self._ended_early(t_read)
                 return
             t = time.perf_counter()
             self.frames_read += 1
@@ -202,6 +233,9 @@ class PredictionStream:
                     yield from self._classify(batch)
             if pending:
                 yield from self._classify(pending)
+            if self.problem:  # every frame read has been classified and handed out: now say why there are no more
+                self._t_end = self._t_end or time.perf_counter()
+                raise SourceEndedEarly(self.problem)
         except KeyboardInterrupt:
             self.interrupted = True
             raise
@@ -233,7 +267,8 @@ class PredictionStream:
                 "inference_ms_mean": float(np.mean(self.infer_ms)) if self.infer_ms else None,
                 "source_fps": self.source_fps, "clock": "wall" if self._source_clock is False else "source",
                 "every": self.every, "batch": self.batch, "max_frames": self.max_frames,
-                "backend": self.model.backend_name, "precision": self.model.precision, "interrupted": self.interrupted}
+                "backend": self.model.backend_name, "precision": self.model.precision, "interrupted": self.interrupted,
+                "frame_count": self.frame_count, "problem": self.problem}
 
 
 class stop_on_sigint:
@@ -277,6 +312,6 @@ def format_summary(s: dict) -> str:
     lat = s["latency_ms"]
     fps = f"{s['fps']:.1f} frames/s" if s["fps"] else "- frames/s"
     figures = "" if lat["p50"] is None else f"; latency ms p50 {lat['p50']:.2f} p90 {lat['p90']:.2f} p99 {lat['p99']:.2f} max {lat['max']:.2f}"
-    end = ", interrupted" if s["interrupted"] else ""
+    end = ", interrupted" if s["interrupted"] else ", ended early" if s.get("problem") else ""
     return (f"{s['frames']} frames classified ({s['frames_read']} read) in {s['seconds']:.2f} s: {fps}{figures} "
             f"[{s['backend']} {s['precision']}, batch {s['batch']}, every {s['every']}{end}]")

@@ -13,13 +13,13 @@ followed by raw tensors, ``Inference-Header-Content-Length``; what ``tritonclien
 classification (an output requested with ``"parameters": {"classification": k}`` answers BYTES ``[N, k]``
 of ``"value:index:label"``, highest first). Names follow the Triton repository ``edgeconv export`` writes.
 
-Requests go through the server's own admission control and batcher: the queue limit answers 503 before any
-decoding, timeouts 504, like ``/v1/predict``. Errors are the protocol's ``{"error": "..."}`` body: 400 for
-a malformed request, 404 for an unknown model or version.
+Requests go through the server's own admission control and batcher, like ``/v1/predict``: a JSON part over
+--max-json-mb or more images than --max-queue answer 413, a full queue 503 before any decoding, timeouts 504; a body
+over 64 KB is parsed in a decode thread, never on the event loop. Errors are the protocol's ``{"error": "..."}``
+body: 400 for a malformed request, 404 for an unknown model or version.
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
@@ -31,14 +31,13 @@ from typing import Optional
 import numpy as np
 
 from . import __version__
-from .admission import Admission, HTTPError, json_object
+from .admission import Admission, HTTPError, json_object, whole_number
 
 VERSION = "1"
 IMAGE_INPUT = "image"
 OUTPUTS = ("logits", "probabilities", "labels")
 HEADER_LENGTH = "inference-header-content-length"
 MAX_IMAGES = 64  # per request, as /v1/predict
-INLINE_JSON_BYTES = 64 * 1024  # larger JSON headers (an FP32 tensor as JSON numbers) are parsed off the event loop
 PLATFORMS = {"tensorrt": "tensorrt_plan", "openvino-cpu": "openvino"}  # Triton's names; ONNX Runtime's is onnxruntime_onnx
 
 
@@ -59,10 +58,14 @@ def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _bytes_elements(raw: bytes, where: str) -> list:
-    """Triton's binary BYTES layout: each element a 4-byte little-endian length, then that many bytes."""
+def _bytes_elements(raw: bytes, where: str, count: int) -> list:
+    """Triton's binary BYTES layout: each element a 4-byte little-endian length, then that many bytes. Refused as soon as
+    the data holds more than the ``count`` elements the shape declares (9 MB of zeros are 2.4 million empty elements)."""
     out, i = [], 0
     while i < len(raw):
+        if len(out) == count:
+            raise V2Error(400, f"{where}: binary BYTES data holds more than the {count} element{'s' if count != 1 else ''} its shape "
+                               "declares; make 'shape' count the images sent")
         if i + 4 > len(raw):
             raise V2Error(400, f"{where}: binary BYTES data ends inside an element's 4-byte length")
         (n,) = struct.unpack_from("<I", raw, i)
@@ -97,8 +100,9 @@ def _encode_bytes(items: list) -> bytes:
 class Protocol:
     """Parses, checks and answers v2 requests for one served model."""
 
-    def __init__(self, model, input_name: str, ident: dict):
+    def __init__(self, model, input_name: str, ident: dict, max_json_bytes: int):
         self.model = model
+        self.max_json_bytes = max_json_bytes
         self.name = model.bundle.name
         self.names = {self.name, model_name(self.name)}
         self.public_name = model_name(self.name)
@@ -128,18 +132,24 @@ class Protocol:
         }
 
     # ------------------------------------------------------------------ requests
-    def split_body(self, body: bytes, header_length: Optional[str]) -> tuple:
-        """(JSON header bytes, binary tail) under the binary tensor data extension; the whole body is JSON without it."""
-        if header_length is None:
-            return body, b""
-        if not header_length.strip().isdigit() or int(header_length) > len(body):
-            raise V2Error(400, f"Inference-Header-Content-Length {header_length!r} must be a whole number <= the body's {len(body)} bytes")
-        n = int(header_length)
-        return body[:n], body[n:]
+    def json_length(self, header: Optional[str]) -> Optional[int]:
+        """The JSON part's length under the binary tensor data extension (None without it, the whole body is JSON):
+        400 unless ASCII digits, 413 over --max-json-mb; both known before the body is read."""
+        if header is None:
+            return None
+        n = whole_number(header)
+        if n is None:
+            raise V2Error(400, f"Inference-Header-Content-Length {header[:40]!r} must be a whole number of bytes in ASCII digits")
+        if n > self.max_json_bytes:
+            raise V2Error(413, f"JSON header of {n} bytes exceeds the {self.max_json_bytes}-byte limit (--max-json-mb)")
+        return n
 
-    @staticmethod
-    def parse_json(head: bytes) -> dict:
-        return json_object(head, "request", '{"inputs": [...]}')
+    def parse(self, body: bytes, json_length: Optional[int]) -> dict:
+        """The request's plan (see ``plan``) from its body and JSON part's length; run off the event loop for a large body."""
+        if json_length is not None and json_length > len(body):
+            raise V2Error(400, f"Inference-Header-Content-Length {json_length} must be a whole number <= the body's {len(body)} bytes")
+        n = len(body) if json_length is None else json_length
+        return self.plan(json_object(body[:n], "request", '{"inputs": [...]}'), body[n:])
 
     def plan(self, doc: dict, binary: bytes) -> dict:
         """Check the request; returns what to run: the kind of input, its images or tensor, the outputs to answer."""
@@ -203,9 +213,11 @@ class Protocol:
         if count > MAX_IMAGES:
             raise V2Error(413, f"{count} images in one request; send at most {MAX_IMAGES}")
         if raw is not None:
-            blobs = _bytes_elements(raw, f"input {IMAGE_INPUT!r}")
+            blobs = _bytes_elements(raw, f"input {IMAGE_INPUT!r}", count)
         else:
             items = _flatten(inp["data"], f"input {IMAGE_INPUT!r}")
+            if len(items) != count:  # before any base64 is decoded
+                raise V2Error(400, f"input {IMAGE_INPUT!r} has shape {shape} ({count} elements) but carries {len(items)}")
             blobs = []
             for i, s in enumerate(items):
                 if not isinstance(s, str):
@@ -323,7 +335,7 @@ def v2_routes(*, model, gate: Admission, state: dict, registry, ident: dict) -> 
 
     from .model import softmax
 
-    proto = Protocol(model, model.bundle.manifest.input.get("name") or "input", ident)
+    proto = Protocol(model, model.bundle.manifest.input.get("name") or "input", ident, gate.cfg.max_json_bytes)
     requests = Counter("edgeconv_v2_infer_requests", "HTTP requests to /v2/models/.../infer by status", ["status"], registry=registry)
     latency = Histogram("edgeconv_v2_request_latency_seconds", "v2 infer latency", registry=registry,
                         buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0))
@@ -361,16 +373,11 @@ def v2_routes(*, model, gate: Admission, state: dict, registry, ident: dict) -> 
     async def infer(request: Request):
         t0 = time.perf_counter()
         status = 200
-        loop = asyncio.get_running_loop()
         try:
             proto.check_model(request.path_params["name"], request.path_params.get("version"))
-            body = await gate.read_body(request)
-            head, binary = proto.split_body(body, request.headers.get(HEADER_LENGTH))
-            if len(head) <= INLINE_JSON_BYTES:
-                doc = proto.parse_json(head)
-            else:
-                doc = await loop.run_in_executor(gate.decode_pool, proto.parse_json, head)
-            plan = proto.plan(doc, binary)
+            json_length = proto.json_length(request.headers.get(HEADER_LENGTH))
+            body = await gate.read_body(request, gate.cfg.max_json_bytes if json_length is None else None)
+            plan = await gate.parse(body, proto.parse, json_length)
             if plan["kind"] == "images":
                 logits = await gate.infer(plan["n"], model.preprocess_images, plan["payload"])
             else:

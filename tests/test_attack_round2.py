@@ -1,0 +1,147 @@
+"""The second red-team round against the server (issue 24, serving): an extreme aspect ratio given to a
+shorter_center_crop model, big pixels in a small file, requests that can never be admitted. Real servers on loopback,
+real PNGs made with Pillow, real HTTP clients."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import resource
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+from PIL import Image
+
+from test_serve import Server
+
+DATA_LIMIT = 3 * 2**30  # the crop server runs under a 3 GB data limit: a runaway resize fails there, not on the machine
+
+
+class LimitedServer(Server):
+    """`edgeconv-runtime serve` as Server starts it, under RLIMIT_DATA."""
+
+    def __init__(self, bundle, *args, data_bytes: int):
+        def limit():
+            resource.setrlimit(resource.RLIMIT_DATA, (data_bytes, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgeconv_runtime", "serve", str(bundle), "--port", "0", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=limit)
+        try:
+            self._start(True)
+        except BaseException:
+            self.kill()
+            raise
+
+    def peak_rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return int(next(l for l in f if l.startswith("VmHWM:")).split()[1]) / 1024
+
+
+@pytest.fixture(scope="module")
+def crop_bundle(tmp_path_factory, rgb_bundle, catsdogs_tiny):
+    """The small RGB model imported again with the ImageNet policy: shorter side to 64 / 0.875, centre crop."""
+    out = tmp_path_factory.mktemp("crop") / "crop"
+    labels = out.parent / "labels.txt"
+    labels.write_text("cats\ndogs\n")
+    r = subprocess.run([sys.executable, "-m", "edgeconv", "import", str(rgb_bundle / "model.onnx"), "--out", str(out), "--labels", str(labels),
+                        "--resize", "shorter_center_crop", "--mean", "0,0,0", "--std", "1,1,1", "--val-data", str(catsdogs_tiny / "test"),
+                        "--val-size", "16", "--precision", "fp32"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def crop_server(crop_bundle):
+    s = LimitedServer(crop_bundle, "--max-queue", "4", data_bytes=DATA_LIMIT)
+    yield s
+    s.stop()
+
+
+def _png(size, mode="RGB", color=(200, 30, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _v2_binary(url: str, name: str, blobs: list) -> httpx.Response:
+    import json
+
+    raw = b"".join(len(b).to_bytes(4, "little") + b for b in blobs)
+    head = json.dumps({"inputs": [{"name": "image", "shape": [len(blobs)], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    return httpx.post(f"{url}/v2/models/{name}/infer", content=head + raw, headers={"Inference-Header-Content-Length": str(len(head))},
+                      timeout=120)
+
+
+def test_extreme_aspect_ratio_pngs_are_answered_in_bounded_memory(crop_server):
+    """Two PNGs of 1 x 1,000,000 pixels (a few KB): resizing their short side to 73 would make 73 x 73 M images (16 GB
+    each). v1 and v2 answer 200 and the server's peak RSS stays far below its 3 GB data limit."""
+    pngs = [_png((1, 1_000_000)), _png((1_000_000, 1))]
+    assert all(len(p) < 10_000 for p in pngs)
+    name = httpx.get(crop_server.url + "/v1/model").json()["serving"]["name"]
+    for png in pngs:
+        r = httpx.post(crop_server.url + "/v1/predict", content=png, headers={"content-type": "image/png"}, timeout=120)
+        assert r.status_code == 200, r.text[:300]
+    r = _v2_binary(crop_server.url, name, pngs)
+    assert r.status_code == 200 and [o["shape"][0] for o in r.json()["outputs"]] == [2, 2, 2], r.text[:300]
+    assert httpx.get(crop_server.url + "/healthz").status_code == 200
+    assert crop_server.peak_rss_mb() < 1000, crop_server.peak_rss_mb()
+
+
+def test_a_batch_larger_than_the_queue_is_413_not_503_forever(crop_server):
+    """--max-queue 4: a request of 5 images can never be admitted, whatever the load: 413 naming the limit, on v1 and v2
+    (a 503 would have the client retry for ever). 4 images are served."""
+    png = _png((80, 60))
+    name = httpx.get(crop_server.url + "/v1/model").json()["serving"]["name"]
+    body = {"images": [base64.b64encode(png).decode()] * 5}
+    r = httpx.post(crop_server.url + "/v1/predict", json=body, timeout=60)
+    assert r.status_code == 413 and "--max-queue" in r.json()["error"] and "retry-after" not in r.headers, (r.status_code, r.text[:300])
+    r = _v2_binary(crop_server.url, name, [png] * 5)
+    assert r.status_code == 413 and "--max-queue" in r.json()["error"], (r.status_code, r.text[:300])
+    assert httpx.post(crop_server.url + "/v1/predict", json={"images": body["images"][:4]}, timeout=60).status_code == 200
+    assert _v2_binary(crop_server.url, name, [png] * 4).status_code == 200
+
+
+# ------------------------------------------------------------------ the decode lane comes from the header's pixels
+def _lane_of(mnist_bundle, payloads: list) -> list:
+    """The decode thread each payload's decoding ran in, through the server's own admission gate (real Batcher, model)."""
+    from edgeconv_runtime import Model
+    from edgeconv_runtime.admission import Admission, Batcher
+    from edgeconv_runtime.serve import ServeConfig
+
+    model = Model.load(mnist_bundle)
+    threads = []
+
+    def prepare(blobs):
+        threads.append(threading.current_thread().name)
+        return model.preprocess_images(blobs)
+
+    async def run():
+        batcher = Batcher(model, 8, 0.001, 64)
+        gate = Admission(ServeConfig(bundle=str(mnist_bundle)), batcher)
+        batcher.start()
+        try:
+            for p in payloads:
+                logits = await gate.infer(len(p), prepare, p)
+                assert logits.shape == (len(p), len(model.classes))
+        finally:
+            await batcher.stop()
+            gate.shutdown()
+
+    asyncio.run(run())
+    return threads
+
+
+def test_big_pixels_in_a_small_file_decode_in_the_large_lane(mnist_bundle):
+    """A 36-megapixel PNG of ~40 KB is as much decoding as a 36-megapixel photo: it goes to the big-image thread, not to
+    the threads of ordinary requests (the lane was chosen by file size). An ordinary digit stays in the ordinary lane."""
+    big = _png((6000, 6000), "L", 0)
+    assert len(big) < 100_000
+    digit = _png((28, 28), "L", 128)
+    lanes = _lane_of(mnist_bundle, [[big], [digit], [digit, big]])
+    assert lanes[0].startswith("edgeconv-decode-large"), lanes
+    assert lanes[1].startswith("edgeconv-decode_"), lanes
+    assert lanes[2].startswith("edgeconv-decode-large"), lanes
