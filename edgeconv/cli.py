@@ -133,6 +133,11 @@ def train_options() -> list:
         o("weights", type=click.Path(), help="Local ImageNet weights file for a backbone (offline use)."),
         o("channels_last", "--channels-last/--no-channels-last", help="NHWC layout for RGB models (faster CPU convolutions)."),
         o("bf16", is_flag=True, show_default=False, help="bfloat16 autocast in training where the CPU supports it (avx512_bf16/amx)."),
+        o("qat", is_flag=True, show_default=False,
+          help="Then quantization-aware training: fine-tune the best weights with fake quantization (OUT/qat.onnx, the bundle's INT8 graph)."),
+        o("qat_epochs", help="--qat: epochs of quantization-aware training."),
+        o("qat_lr", type=float, help="--qat: learning rate (default --lr / 100)."),
+        click.Option(["--from", "from_run"], type=click.Path(file_okay=False), help="--qat on a run already trained: its directory."),
         click.Option(["--export", "export_targets"], help="Export after training, e.g. onnx,int8 (bundle in OUT/bundle)."),
     ]
 
@@ -150,11 +155,14 @@ def interruptible() -> None:
 
 @cli.command("train", cls=DeferredOptions, options=train_options)
 @user_errors
-def train_cmd(export_targets: Optional[str], resume_dir: Optional[str], **kw) -> None:
+def train_cmd(export_targets: Optional[str], resume_dir: Optional[str], from_run: Optional[str], **kw) -> None:
     """Train a model and write a run directory (model.pt, metrics.json, history, curves.png)."""
     from .training import TrainConfig, train
 
     interruptible()
+    if from_run:
+        _qat_only(from_run, resume_dir, export_targets, kw)
+        return
     if resume_dir:
         _report(train(TrainConfig(data="", model="", out=resume_dir), resume=True))
         return
@@ -167,12 +175,44 @@ def train_cmd(export_targets: Optional[str], resume_dir: Optional[str], **kw) ->
         formats, precisions = parse_targets(export_targets)  # refuse bad targets before training, not after
     result = train(TrainConfig(**kw))
     _report(result)
+    if result.metrics.get("qat"):
+        _report_qat(result.metrics["qat"], result.out)
     if export_targets and int(os.environ.get("RANK", "0")) == 0:
         from .exporting import ExportRequest, export_run, format_manifest
 
         manifest = export_run(ExportRequest(checkpoint=str(result.out), out=str(result.out / "bundle"), formats=formats, precisions=precisions,
                                             force=True))
         click.echo(format_manifest(manifest.to_dict()))
+
+
+def _qat_only(from_run: str, resume_dir: Optional[str], export_targets: Optional[str], kw: dict) -> None:
+    """`edgeconv train --qat --from RUN`: quantization-aware training of a run already trained."""
+    from pathlib import Path
+
+    from .training.qat import QatSettings, qat_from_run
+
+    if not kw["qat"]:
+        raise EdgeconvError("--from RUN is for quantization-aware training of a trained run; add --qat")
+    clash = [f"--{n}" for n in ("data", "model", "out") if kw[n]] + (["--resume"] if resume_dir else [])
+    if clash:
+        raise EdgeconvError(f"--from RUN takes the data, model and run directory from RUN; drop {', '.join(clash)}")
+    if export_targets:
+        from .exporting import parse_targets
+
+        formats, precisions = parse_targets(export_targets)
+    settings = QatSettings(kw["qat_epochs"], kw["qat_lr"], kw["threads"])
+    _report_qat(qat_from_run(from_run, settings), Path(from_run))
+    if export_targets:
+        from .exporting import ExportRequest, export_run, format_manifest
+
+        manifest = export_run(ExportRequest(checkpoint=from_run, out=str(Path(from_run) / "bundle"), formats=formats, precisions=precisions, force=True))
+        click.echo(format_manifest(manifest.to_dict()))
+
+
+def _report_qat(q: dict, out) -> None:
+    click.echo(f"qat: val_accuracy float {q['val_accuracy_float']:.4f}  fake-quant {q['val_accuracy_fake_quant']:.4f} "
+               f"(before training {q['val_accuracy_fake_quant_before']:.4f})  ONNX INT8 {q['val_accuracy_onnx']:.4f}  "
+               f"best epoch {q['best_epoch']}/{q['epochs_run']}  {q['seconds']:.1f} s  -> {out}/{q['file']}")
 
 
 def _report(result) -> None:

@@ -50,6 +50,9 @@ class TrainConfig:
     weights: Optional[str] = None  # local ImageNet weights file for a backbone
     channels_last: bool = True  # NHWC memory layout: oneDNN's fast path for CPU convolutions
     bf16: bool = False  # bfloat16 autocast for forward/backward where the CPU has bf16 instructions
+    qat: bool = False  # then fine-tune the best weights with fake quantization: RUN/qat.onnx, the bundle's INT8 graph
+    qat_epochs: int = 2  # --qat: epochs of quantization-aware training
+    qat_lr: Optional[float] = None  # --qat: learning rate (default lr / 100)
 
     @property
     def transfer(self) -> bool:
@@ -91,3 +94,7 @@ class TrainConfig:
             raise EdgeconvError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not 0 < self.val_fraction < 1:
             raise EdgeconvError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.qat_epochs < 1:
+            raise EdgeconvError(f"--qat-epochs must be at least 1, got {self.qat_epochs}")
+        if self.qat_lr is not None and not self.qat_lr > 0:
+            raise EdgeconvError(f"--qat-lr must be positive, got {self.qat_lr}")

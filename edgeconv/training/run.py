@@ -92,6 +92,10 @@ def _train(config: TrainConfig, dataset: Optional[Dataset], resume: bool, ctx: d
     metrics = _metrics(job, result, _test_figures(job, result), load_seconds)
     if ctx.is_main:
         _write_outputs(job, best_ck, metrics, result.history)
+        if cfg.qat and not result.interrupted:  # quantization-aware fine-tuning of the best weights: RUN/qat.onnx
+            from .qat import QatSettings, qat_from_run
+
+            metrics["qat"] = qat_from_run(job.out, QatSettings(cfg.qat_epochs, cfg.qat_lr, cfg.threads, cfg.progress), dataset)
     return RunResult(job.out, metrics, result.history)
 
 
