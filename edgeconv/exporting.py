@@ -1,6 +1,7 @@
 """From a run directory to a bundle: rebuild the model, gather real images, call edgeconv_export."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -8,6 +9,8 @@ from typing import Optional
 from edgeconv_export.bundle import FORMATS, ExportInputs, ExportOptions
 from edgeconv_runtime.errors import EdgeconvError
 from edgeconv_runtime.manifest import PRECISIONS
+
+log = logging.getLogger("edgeconv.export")
 
 DEFAULT_CALIB_SIZE = 500
 
@@ -80,6 +83,7 @@ def export_inputs(req: ExportRequest, path: Path) -> ExportInputs:
     if list(imgs.classes) != list(ck["classes"]):
         raise EdgeconvError(f"{source} has classes {imgs.classes} but the model was trained on {ck['classes']}; pass matching --val-data")
     calib_x, calib_source = _calibration_images(req, imgs, pre) if int8 else (None, None)
+    qat = _qat_graph(path, ck) if int8 else None
     return ExportInputs(
         model=model,
         name=ck["model"]["name"],
@@ -99,8 +103,24 @@ def export_inputs(req: ExportRequest, path: Path) -> ExportInputs:
             "parity_split": f"val of {source}",
             "training_metrics": ck.get("metrics"),
         },
-        calibration_source=calib_source,
+        calibration_source=str(qat.resolve()) if qat else calib_source,
+        qat_onnx=qat,
     )
+
+
+def _qat_graph(path: Path, ck: dict) -> Optional[Path]:
+    """The run's quantization-aware training graph (`edgeconv train --qat`), when it was trained from these very weights."""
+    from .training.qat import QAT_ONNX, read_qat_metadata
+
+    qat = path.parent / QAT_ONNX
+    if not qat.is_file():
+        return None
+    trained_from = read_qat_metadata(qat).get("checkpoint_weights_sha256")
+    if trained_from != ck.get("weights_sha256"):
+        log.warning("%s was trained from other weights than %s; calibrating INT8 instead (rerun `edgeconv train --qat --from %s`)",
+                    qat, path.name, path.parent)
+        return None
+    return qat
 
 
 def _calibration_images(req: ExportRequest, imgs, pre) -> tuple:

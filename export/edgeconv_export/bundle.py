@@ -101,6 +101,7 @@ class ExportInputs:
     onnx_source: Optional[Path] = None
     reference_logits: Optional[np.ndarray] = None
     reference_name: str = "PyTorch"
+    qat_onnx: Optional[Path] = None  # a QDQ graph from quantization-aware training: shipped as the INT8 graph, not calibrated
 
 
 def torch_logits(model, x: np.ndarray, batch_size: int = PARITY_BATCH) -> np.ndarray:
@@ -315,8 +316,13 @@ def _write_lower_precisions(tmp: Path, inp: ExportInputs, opts: ExportOptions, p
         onnx_io.set_metadata(tmp / ONNX_FILES["fp16"], metadata)
     if "int8" not in precisions:
         return None
-    # two graphs, one calibration: uint8 activations for CPUs, symmetric int8 for TensorRT
-    calibration = calibrate_int8(fp32, tmp / ONNX_FILES["int8"], tmp / INT8_TENSORRT_ONNX, inp.calib_x, opts.calibration_method)
+    if inp.qat_onnx is not None:  # ranges learned in training (edgeconv train --qat): nothing to calibrate
+        from .qat import write_qat_int8
+
+        calibration = write_qat_int8(inp.qat_onnx, tmp / ONNX_FILES["int8"], tmp / INT8_TENSORRT_ONNX)
+    else:
+        # two graphs, one calibration: uint8 activations for CPUs, symmetric int8 for TensorRT
+        calibration = calibrate_int8(fp32, tmp / ONNX_FILES["int8"], tmp / INT8_TENSORRT_ONNX, inp.calib_x, opts.calibration_method)
     calibration["source"] = inp.calibration_source
     onnx_io.set_metadata(tmp / ONNX_FILES["int8"], metadata)
     onnx_io.set_metadata(tmp / INT8_TENSORRT_ONNX, metadata)
