@@ -279,6 +279,8 @@ def export_options() -> list:
         o("batch_max"),
         o("timing_cache", type=click.Path(), help="TensorRT timing cache file, reused across builds."),
         o("force", is_flag=True, show_default=False, help="Replace an existing bundle (only once the new one is complete)."),
+        o("sign_key", type=click.Path(), help="Sign the bundle with this Ed25519 key (`edgeconv-runtime keygen NAME`); devices check it with --public-key."),
+        o("trust_unsigned", is_flag=True, show_default=False, help="Export a checkpoint without weights_sha256 (its weights unchecked; loud warning)."),
     ]
 
 
@@ -323,6 +325,7 @@ def import_options() -> list:
         o("max_accuracy_drop", help="Points an FP16/INT8 artifact may lose vs the source."),
         o("name", help="Model name in the bundle. Default: the file's stem."),
         o("force", is_flag=True, show_default=False, help="Replace an existing bundle (only once the new one is complete)."),
+        click.Option(["--sign-key", "sign_key"], type=click.Path(), help="Sign the bundle with this Ed25519 key (`edgeconv-runtime keygen NAME`)."),
     ]
 
 
@@ -337,7 +340,16 @@ def import_cmd(onnx_file: Optional[str], model_name: Optional[str], weights: Opt
     from .importing import import_model
 
     t0 = time.perf_counter()
+    sign_key = kw.pop("sign_key", None)
+    if sign_key:
+        from edgeconv_runtime.signing import load_private_key
+
+        load_private_key(sign_key)  # refused now, not after the import
     manifest = import_model(onnx_file, model_name, weights, **kw)
+    if sign_key:
+        from edgeconv_runtime.signing import sign_bundle
+
+        click.echo(f"signed: {sign_bundle(kw['out'], sign_key)}")
     for note in manifest.source.get("notes", []):
         click.echo(f"note: {note}")
     click.echo(format_manifest(manifest.to_dict()))

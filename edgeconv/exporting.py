@@ -25,6 +25,8 @@ class ExportRequest(ExportOptions):
     calib_data: Optional[str] = None  # folder of real images for INT8 calibration; default: the training split
     calib_size: int = DEFAULT_CALIB_SIZE
     val_data: Optional[str] = None  # parity images; default: the checkpoint's validation split
+    sign_key: Optional[str] = None  # Ed25519 private key (PEM): the bundle gets manifest.sig, checked by `--public-key`
+    trust_unsigned: bool = False  # export a checkpoint that carries no weights_sha256 (its weights cannot be checked)
 
 
 def parse_targets(spec: str) -> tuple:
@@ -49,6 +51,10 @@ def export_run(req: ExportRequest):
     from .model_card import extend_card
 
     req.validate()
+    if req.sign_key:
+        from edgeconv_runtime.signing import load_private_key
+
+        load_private_key(req.sign_key)  # a missing or wrong key (or no cryptography) is refused now, not after the export
     if Path(req.out).exists() and not req.force:
         raise EdgeconvError(f"{req.out} already exists; pass --force to replace it or choose another --out")
     path = ckpt.resolve_checkpoint(req.checkpoint)
@@ -69,6 +75,7 @@ def export_inputs(req: ExportRequest, path: Path) -> ExportInputs:
     from .data import load_export_images
 
     ck = ckpt.load_checkpoint(path)
+    check_signed_weights(ck, path, req.trust_unsigned)
     model, pre = ckpt.model_from_checkpoint(ck)
     data = ck.get("data", {})
     # parity images: the validation split recorded in the checkpoint, unless --val-data says otherwise
@@ -106,6 +113,18 @@ def export_inputs(req: ExportRequest, path: Path) -> ExportInputs:
         calibration_source=str(qat.resolve()) if qat else calib_source,
         qat_onnx=qat,
     )
+
+
+def check_signed_weights(ck: dict, path: Path, trust_unsigned: bool) -> None:
+    """A checkpoint without its weights_sha256 cannot show its weights are the ones training wrote: refused, or
+    exported with a loud warning under --trust-unsigned."""
+    if ck.get("weights_sha256") is not None:
+        return
+    if not trust_unsigned:
+        raise EdgeconvError(f"{path} carries no weights_sha256, so its weights cannot be checked (an old or edited checkpoint); "
+                            "retrain it, or pass --trust-unsigned if you know where it came from")
+    log.warning("UNCHECKED WEIGHTS: %s carries no weights_sha256 and is exported anyway (--trust-unsigned); "
+                "the bundle is only as trustworthy as that file", path)
 
 
 def _qat_graph(path: Path, ck: dict) -> Optional[Path]:

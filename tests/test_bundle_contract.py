@@ -27,7 +27,9 @@ def test_manifest_round_trips_and_is_typed(mnist_bundle):
     raw = json.loads((mnist_bundle / "manifest.json").read_text())
     m = read_manifest(mnist_bundle)
     assert isinstance(m, Manifest) and all(isinstance(a, Artifact) for a in m.artifacts)
+    digest = raw.pop("manifest_sha256")
     assert m.to_dict() == raw  # nothing lost or invented on the way through the types
+    assert m.digest == digest  # the seal is checked on the way in and written anew by write_manifest
     assert m.find("onnx", "int8").file == "model.int8.onnx"
     assert m.find("onnx", "int8", "tensorrt").file == INT8_TENSORRT_ONNX
     assert m.find("onnx", "fp16", "tensorrt") is None
@@ -160,6 +162,7 @@ def test_build_engine_option_errors(mnist_bundle, args, message):
 def test_build_engine_needs_the_source_onnx_before_touching_tensorrt(mnist_bundle, tmp_path):
     b = copy_bundle(mnist_bundle, tmp_path / "b")
     edit_manifest(b, lambda m: m.update(artifacts=[a for a in m["artifacts"] if a["precision"] != "fp16"]))
+    (b / "model.fp16.onnx").unlink()  # an unlisted file would be refused as such
     r = run_build_engine(b, "--precision", "fp16")
     assert r.returncode == 2 and "has no fp16 ONNX model" in r.stderr, r.stderr
 

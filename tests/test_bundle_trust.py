@@ -37,11 +37,14 @@ def test_export_hashes_every_file_but_the_artifacts(mnist_bundle):
 @pytest.mark.parametrize("rel", ["reference/inputs.npy", "reference/outputs.npy", "reference/images/000.png"])
 def test_a_tampered_reference_file_is_a_one_line_error(mnist_bundle, tmp_path, rel):
     b = copy_bundle(mnist_bundle, tmp_path / "b")
-    assert Model.load(b).verify()["ok"]
+    m = Model.load(b)
+    assert m.verify()["ok"]
     flip_byte(b / rel)
-    m = Model.load(b)  # the model itself is intact
     with pytest.raises(EdgeconvError) as info:
-        m.verify()
+        m.verify()  # a model loaded before the change: the file is hashed again where it is read
+    assert one_line(info).startswith(f"{rel} in {b} does not match its sha256 in manifest.json") and "copy the bundle again" in str(info.value)
+    with pytest.raises(EdgeconvError) as info:
+        Model.load(b)  # every file is checked when the bundle is opened, the model intact or not
     assert one_line(info).startswith(f"{rel} in {b} does not match its sha256 in manifest.json") and "copy the bundle again" in str(info.value)
 
 
@@ -53,10 +56,13 @@ def test_a_tampered_labels_file_is_refused_where_it_is_read(mnist_bundle, tmp_pa
     one_line(info)
 
 
-def test_a_bundle_written_before_the_files_map_still_loads(mnist_bundle, tmp_path):
+def test_a_bundle_without_the_files_map_is_refused(mnist_bundle, tmp_path):
+    """Removing the map used to switch hashing off; now it is a bundle to re-export (issue 24)."""
     b = copy_bundle(mnist_bundle, tmp_path / "b")
     edit_manifest(b, lambda m: m.pop("files"))
-    assert Model.load(b).verify()["ok"]
+    with pytest.raises(EdgeconvError, match="has no 'files' map.*re-export") as info:
+        Model.load(b)
+    one_line(info)
     edit_manifest(b, lambda m: m.update(files={"reference/inputs.npy": "zz"}))
     with pytest.raises(EdgeconvError, match="not a hex sha256") as info:
         Model.load(b)

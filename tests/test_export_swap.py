@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from edgeconv_runtime import EdgeconvError, Model, fileio
 from edgeconv_runtime.fileio import atomic_directory, exchange_paths
+from bundle_helpers import edit_manifest
 
 # the child writes a real bundle through atomic_directory (what export_bundle does) and dies at one step
 CHILD = textwrap.dedent("""
@@ -32,9 +33,7 @@ CHILD = textwrap.dedent("""
 
 def named_copy(src: Path, dst: Path, name: str) -> Path:
     shutil.copytree(src, dst)
-    m = json.loads((dst / "manifest.json").read_text())
-    m["name"] = name
-    (dst / "manifest.json").write_text(json.dumps(m))
+    edit_manifest(dst, lambda m: m.update(name=name))
     return dst
 
 

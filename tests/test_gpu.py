@@ -19,7 +19,7 @@ import pytest
 from edgeconv_runtime import EdgeconvError, Model, available_backends
 from edgeconv_runtime.bundle import read_bundle
 from edgeconv_runtime.gpu import gpu_info
-from edgeconv_runtime.manifest import ENGINE_FILES, INT8_TENSORRT_ONNX, MANIFEST_NAME, PRECISIONS
+from edgeconv_runtime.manifest import ENGINE_FILES, INT8_TENSORRT_ONNX, MANIFEST_NAME, PRECISIONS, seal
 from edgeconv_runtime.parity import TOLERANCES
 
 pytestmark = pytest.mark.gpu
@@ -140,7 +140,7 @@ def test_engine_for_another_gpu_is_refused_with_both_named(mnist_bundle, tmp_pat
         if a["format"] == "tensorrt" and a["precision"] == "fp32" and "gpu_name" in (a.get("details") or {}):
             a["details"].update(forged)
     manifest["files"][sidecar.name] = hashlib.sha256(sidecar.read_bytes()).hexdigest()  # else its sha256 refuses it first
-    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    (bundle / MANIFEST_NAME).write_text(json.dumps(seal(manifest), indent=2))  # re-sealed: a consistent manifest
 
     with pytest.raises(EdgeconvError) as exc:  # BackendUnavailable is one
         Model.load(bundle, backend="tensorrt", precision="fp32", check_hash=False)
@@ -176,7 +176,7 @@ def test_an_engine_that_fails_its_gate_leaves_the_bundle_as_it_was(mnist_bundle,
     np.save(ref, np.load(ref) + 1.0)  # the same change for every class: top-1 holds, max|diff| = 1.0
     manifest = json.loads((bundle / MANIFEST_NAME).read_text())
     manifest["files"]["reference/outputs.npy"] = hashlib.sha256(ref.read_bytes()).hexdigest()  # consistent, so the gate decides
-    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    (bundle / MANIFEST_NAME).write_text(json.dumps(seal(manifest), indent=2))  # re-sealed: a consistent manifest
     digest = lambda: {str(p.relative_to(bundle)): hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
                       for p in sorted(bundle.rglob("*")) if p.is_file() and ".trt_cache" not in p.parts}
     before = digest()

@@ -11,6 +11,7 @@ from PIL import Image
 
 from edgeconv_runtime import EdgeconvError, Model, available_backends
 from edgeconv_runtime.cli import main as runtime_main
+from bundle_helpers import edit_manifest
 
 
 def test_backend_registry_says_why():
@@ -87,9 +88,9 @@ def test_bundle_integrity_errors(mnist_bundle, tmp_path):
     with pytest.raises(EdgeconvError, match="no onnx int8"):
         shutil.rmtree(broken)
         shutil.copytree(mnist_bundle, broken)
-        m = json.loads((broken / "manifest.json").read_text())
-        m["artifacts"] = [a for a in m["artifacts"] if a["precision"] != "int8"]
-        (broken / "manifest.json").write_text(json.dumps(m))
+        edit_manifest(broken, lambda m: m.update(artifacts=[a for a in m["artifacts"] if a["precision"] != "int8"]))
+        for name in ("model.int8.onnx", "model.int8.trt.onnx", "model.int8.portable.onnx"):  # the files go with their records
+            (broken / name).unlink(missing_ok=True)
         Model.load(broken, backend="onnxruntime-cpu", precision="int8")
 
 
@@ -106,9 +107,7 @@ def rehash(bundle, rel):
     """Record an edited file's new sha256 in the manifest's files map, as a re-export would."""
     from edgeconv_runtime.fileio import sha256_file
 
-    m = json.loads((bundle / "manifest.json").read_text())
-    m["files"][rel] = sha256_file(bundle / rel)
-    (bundle / "manifest.json").write_text(json.dumps(m))
+    edit_manifest(bundle, lambda m: m["files"].update({rel: sha256_file(bundle / rel)}))
 
 
 def test_verify_catches_wrong_outputs_and_preprocessing_drift(mnist_bundle, tmp_path, capsys):

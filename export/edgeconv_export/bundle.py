@@ -21,6 +21,8 @@ from edgeconv_runtime.bench import library_versions
 from edgeconv_runtime.errors import EdgeconvError
 from edgeconv_runtime.fileio import atomic_directory, sha256_file
 from edgeconv_runtime.manifest import INT8_TENSORRT_ONNX, ONNX_FILES, PRECISIONS, Artifact, Manifest, read_manifest, write_manifest
+from edgeconv_runtime.manifest import MANIFEST_NAME, SIGNATURE_NAME
+from edgeconv_runtime.signing import sign_bundle
 from edgeconv_runtime.parity import TOLERANCES, parity_report, tolerance_problems
 from edgeconv_runtime.preprocess import Preprocess, normalize
 
@@ -194,13 +196,22 @@ def _external_data(path: Path) -> list:
 
 
 def covered_files(root: Path, manifest: Manifest) -> dict:
-    """sha256 of every file in the bundle the runtime may read that is not an artifact (those carry their own)."""
-    skip = {a.file for a in manifest.artifacts} | {"manifest.json"}
+    """sha256 of every file in the bundle the runtime may read that is not an artifact (those carry their own).
+
+    A bundle holds regular files only: the runtime refuses a symlink, FIFO or unlisted file, so one here is an error now.
+    """
+    import stat as _stat
+
+    skip = {a.file for a in manifest.artifacts} | {MANIFEST_NAME, SIGNATURE_NAME}
     files = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
-        if p.is_file() and not p.is_symlink() and rel not in skip:
-            files[rel] = sha256_file(p)
+        mode = p.lstat().st_mode
+        if _stat.S_ISDIR(mode) or rel in skip:
+            continue
+        if not _stat.S_ISREG(mode):
+            raise EdgeconvError(f"the bundle being written holds {rel}, which is not a regular file (a symlink, FIFO...); it cannot be shipped")
+        files[rel] = sha256_file(p)
     return files
 
 
@@ -240,6 +251,8 @@ def export_bundle(inp: ExportInputs, out: str | Path, opts: ExportOptions) -> Ma
             build_engines(tmp, EngineOptions(precisions, (opts.batch_min, opts.batch_opt, opts.batch_max), timing_cache=opts.timing_cache),
                           quiet=True)
             manifest = read_manifest(tmp)
+        if getattr(opts, "sign_key", None):  # `edgeconv export --sign-key`: the signature goes in with the bundle, in the same swap
+            sign_bundle(tmp, opts.sign_key)
     return manifest
 
 

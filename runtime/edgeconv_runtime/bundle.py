@@ -2,14 +2,31 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 from .errors import EdgeconvError
 from .fileio import sha256_file
-from .manifest import ENGINE_SUFFIXES, MANIFEST_NAME, Artifact, Manifest, hash_mismatch, read_manifest, resolve_inside
+from .manifest import (ENGINE_SUFFIXES, MANIFEST_NAME, REEXPORT, SIGNATURE_NAME, Artifact, Manifest, check_regular, hash_mismatch, read_manifest,
+                       resolve_inside)
 from .preprocess import Preprocess
+
+# files a bundle may hold that the manifest does not list: written beside it for people (the runtime never reads them)
+DOC_FILES = ("MODEL_CARD.md", "model_card.json", "curves.png")
+# folders the runtime itself writes into a bundle: ONNX Runtime's TensorRT engine cache, build-engine's staging folder
+CACHE_DIRS = (".trt_cache",)
+STAGING_PREFIX = ".engines."
+# (path, size, mtime, ctime, inode, device, expected sha256) of every file already hashed in this process: a file changed
+# since (ctime moves on every write, and no user can set it back) is hashed again
+_verified: set = set()
+
+
+def _atomic_temp(name: str) -> bool:
+    """A manifest or signature being written this instant (fileio.atomic_write_bytes' temp file): never read."""
+    return name.endswith(".tmp") and name.startswith((f".{MANIFEST_NAME}.", f".{SIGNATURE_NAME}."))
 
 __all__ = ["ENGINE_SUFFIXES", "MANIFEST_NAME", "Bundle", "bundle_from_onnx_metadata", "read_bundle"]
 
@@ -27,29 +44,99 @@ class Bundle:
         return self.manifest.name
 
     def path(self, rel: str, check_hash: bool = True) -> Path:
-        """A file the manifest names, refused when it points outside the bundle or differs from its sha256.
+        """A file the manifest names, refused when it points outside the bundle, is no regular file, or differs from its sha256.
 
-        Every file the manifest's ``files`` map lists is hashed before it is handed out (once per file
-        version: a changed size or mtime hashes it again); a bundle without the map is read unchecked.
+        Every file the manifest lists is hashed before it is handed out (once per file version: a changed
+        size, mtime or ctime hashes it again); a file a read bundle does not list is refused.
         """
         path = resolve_inside(self.root, rel, f"{MANIFEST_NAME} in {self.root}")
-        expected = (self.manifest.files or {}).get(rel) if check_hash and self.check_hash else None
-        if expected is not None:
+        files = self.manifest.files
+        if files is None:  # a bundle made in memory (a bare .onnx's metadata, a plain graph): nothing to check against
+            return path
+        expected = files.get(rel) or next((a.sha256 for a in self.manifest.artifacts if a.file == rel), None)
+        if expected is None:
+            raise EdgeconvError(f"{rel} in {self.root} is not listed in its manifest.json, so it cannot be trusted; {REEXPORT}")
+        if check_hash and self.check_hash:
             self.check_file(rel, path, expected)
+        else:
+            check_regular(path, rel, self.root)
         return path
 
     def check_file(self, rel: str, path: Path, expected: str) -> None:
-        try:
-            st = path.stat()
-        except OSError as exc:
-            raise EdgeconvError(f"bundle {self.root} is missing {rel} listed in its manifest; copy the whole bundle directory") from exc
-        stamp = (rel, st.st_size, st.st_mtime_ns, st.st_ino)
-        verified = self.__dict__.setdefault("_verified", set())
-        if stamp in verified:
+        st = check_regular(path, rel, self.root)  # lstat: a symlink or a FIFO is refused before anything opens it
+        stamp = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, expected)
+        if stamp in _verified:
             return
-        if sha256_file(path) != expected:
+        try:
+            digest = sha256_file(path)
+        except OSError as exc:
+            raise EdgeconvError(f"{rel} in {self.root} is not readable ({exc.strerror or exc}); copy the bundle again") from exc
+        if digest != expected:
             raise hash_mismatch(rel, self.root)
-        verified.add(stamp)
+        if len(_verified) > 100_000:
+            _verified.clear()
+        _verified.add(stamp)
+
+    def listed(self) -> dict:
+        """{relative path: sha256} of every file the manifest covers: the artifacts and the ``files`` map."""
+        out = dict(self.manifest.files or {})
+        for a in self.manifest.artifacts:
+            if out.setdefault(a.file, a.sha256) != a.sha256:
+                raise EdgeconvError(f"{MANIFEST_NAME} in {self.root} gives {a.file} two different sha256; {REEXPORT}")
+        return out
+
+    def check_contents(self) -> None:
+        """The whole bundle, as it is opened: every file the manifest lists is a regular file inside the bundle that
+        matches its sha256 (only its presence and kind with ``check_hash`` False), whatever precision is asked; the
+        reference and every artifact's external data are listed; nothing else is there but the people-facing
+        documents and the runtime's own caches: no symlink, FIFO, device or unlisted file.
+        """
+        where = f"{MANIFEST_NAME} in {self.root}"
+        if self.manifest.files is None:
+            raise EdgeconvError(f"{where} has no 'files' map, so its reference files and external data cannot be checked; {REEXPORT}")
+        listed = self.listed()
+        ref = self.manifest.reference or {}
+        wanted = [ref[k] for k in ("inputs", "outputs", "labels") if isinstance(ref.get(k), str)] + list(ref.get("images") or [])
+        for a in self.manifest.artifacts:
+            wanted += [rel for rel in (a.details.get("external_data") or [])]
+        for rel in wanted:
+            if not isinstance(rel, str) or rel not in listed:
+                raise EdgeconvError(f"{where} names {str(rel)[:80]!r} but gives no sha256 for it; {REEXPORT}")
+        for rel, expected in listed.items():
+            path = resolve_inside(self.root, rel, where)
+            if self.check_hash:
+                self.check_file(rel, path, expected)
+            else:
+                check_regular(path, rel, self.root)
+        self._check_nothing_else(set(listed))
+
+    def _check_nothing_else(self, listed: set) -> None:
+        root = Path(self.root)
+        for dirpath, dirnames, filenames in os.walk(root):  # never follows a symlinked folder
+            here = Path(dirpath)
+            top = here == root
+            keep = []
+            for d in dirnames:
+                full = here / d
+                if top and (d in CACHE_DIRS or d.startswith(STAGING_PREFIX)) and not full.is_symlink():
+                    continue
+                if full.is_symlink():
+                    rel = full.relative_to(root).as_posix()
+                    raise EdgeconvError(f"{rel} in {self.root} is a symlink; a bundle holds its own files: copy it with its files (cp -rL)")
+                keep.append(d)
+            dirnames[:] = keep
+            for f in filenames:
+                full = here / f
+                rel = full.relative_to(root).as_posix()
+                if rel in listed or (top and (f in (MANIFEST_NAME, SIGNATURE_NAME) or f in DOC_FILES or _atomic_temp(f))):
+                    if top and f in DOC_FILES + (SIGNATURE_NAME,):
+                        check_regular(full, rel, self.root)
+                    continue
+                st = os.lstat(full)
+                if not stat.S_ISREG(st.st_mode):
+                    check_regular(full, rel, self.root)  # raises: symlink, FIFO, socket, device
+                raise EdgeconvError(f"{rel} in {self.root} is not listed in its manifest.json: a file the runtime might read "
+                                    f"unchecked; remove it, or {REEXPORT}")
 
     def artifact(self, fmt: str, precision: str, check_hash: bool = True, variant: Optional[str] = None) -> Tuple[Path, Artifact]:
         """(path, record) of the artifact of ``fmt``/``precision``/``variant``; refuses a missing or altered file.
@@ -64,11 +151,12 @@ class Bundle:
             have = sorted({f"{x.format}/{x.precision}" + ("" if x.variant == "default" else f"/{x.variant}") for x in self.manifest.artifacts})
             raise EdgeconvError(f"bundle {self.root} has no {fmt} {precision} artifact (it has {', '.join(have) or 'none'}); "
                                 f"export it with --precision {precision}")
-        path = self.path(a.file)
-        if not path.is_file():
-            raise EdgeconvError(f"bundle {self.root} is missing {a.file} listed in its manifest; copy the whole bundle directory")
-        if check_hash:
+        path = resolve_inside(self.root, a.file, f"{MANIFEST_NAME} in {self.root}")
+        if check_hash and self.check_hash:
             self.check_file(a.file, path, a.sha256)
+        else:
+            check_regular(path, a.file, self.root)
+        if check_hash:
             for rel in a.details.get("external_data") or []:  # ONNX Runtime reads these beside the graph
                 if not isinstance(rel, str) or rel not in (self.manifest.files or {}):
                     raise EdgeconvError(f"{a.file} in {self.root} has external data {rel!r} that manifest.json gives no sha256 for; re-export the bundle")
@@ -79,15 +167,24 @@ class Bundle:
         return self.manifest.find(fmt, precision, variant) is not None
 
 
-def read_bundle(root) -> Bundle:
+def read_bundle(root, check_hash: bool = True, public_key=None) -> Bundle:
+    """Open a bundle directory: its sealed manifest (signed by ``public_key``, or by the process's trusted key
+    ``--public-key`` set, when there is one) and every file it lists, checked now (``Bundle.check_contents``)."""
+    from .signing import check_signature, trusted_key
+
     root = Path(root)
     manifest = read_manifest(root)
+    key = public_key if public_key is not None else trusted_key()
+    if key is not None:
+        check_signature(root, manifest.digest, key)
     try:
         pre = Preprocess.from_dict(manifest.preprocess)
     except (TypeError, ValueError, KeyError) as exc:  # a mistyped number or list in the preprocess record
         detail = " ".join(str(exc).split())[:160]
         raise EdgeconvError(f"{root / MANIFEST_NAME} has an invalid 'preprocess' record ({type(exc).__name__}: {detail}); re-export the bundle") from exc
-    return Bundle(root, manifest, pre, list(manifest.classes))
+    bundle = Bundle(root, manifest, pre, list(manifest.classes), check_hash=check_hash)
+    bundle.check_contents()
+    return bundle
 
 
 def bundle_from_onnx_metadata(path: Path, metadata: dict) -> Bundle:

@@ -67,6 +67,11 @@ def _max_pixels(sp) -> None:
                     help=f"refuse images whose header declares more pixels than this, before decoding (default {DEFAULT_MAX_PIXELS})")
 
 
+def _public_key(sp) -> None:
+    sp.add_argument("--public-key", default=None, metavar="PUB.pem",
+                    help="refuse a bundle not signed by this Ed25519 key (manifest.sig; `keygen` makes a pair, `edgeconv export --sign-key` signs)")
+
+
 def build_parser(prog: str = "edgeconv-runtime") -> argparse.ArgumentParser:
     """``prog`` names the command typed, in usage lines: ``edgeconv`` passes its runtime commands through here."""
     p = _Parser(prog=prog, description="Run edgeconv bundles without PyTorch.")
@@ -79,6 +84,7 @@ def build_parser(prog: str = "edgeconv-runtime") -> argparse.ArgumentParser:
         sp.add_argument("--backend", default="auto", help=f"auto (default), {_backend_names()}")
         sp.add_argument("--precision", default=precision_default, choices=list(RUNTIME_PRECISIONS))
         sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+        _public_key(sp)
 
     sp = sub.add_parser("predict", help="top-k classes for images, or for the frames of a video, stream or camera",
                         epilog="With --source: one line per classified frame (frame, time in the source, latency, top-k), then a "
@@ -120,6 +126,7 @@ def build_parser(prog: str = "edgeconv-runtime") -> argparse.ArgumentParser:
     sp.add_argument("--data", default=None, help="class-folder images: report accuracy beside speed (a plain .onnx file: its inputs)")
     sp.add_argument("--shape", type=_ints, default=None, help="a plain .onnx file with open input dimensions: one item's shape, e.g. 3,224,224")
     sp.add_argument("--no-e2e", action="store_true", help="skip end-to-end (JPEG bytes -> label) timing")
+    _public_key(sp)
     sp.add_argument("--json", dest="json_path", default=None)
     sp.add_argument("--csv", dest="csv_path", default=None)
     sp.add_argument("--plot", dest="plot_path", default=None)
@@ -144,6 +151,7 @@ def build_parser(prog: str = "edgeconv-runtime") -> argparse.ArgumentParser:
     sp.add_argument("--max-json-mb", type=float, default=8.0, help="JSON bodies (413)")
     sp.add_argument("--max-inflight-body-mb", type=float, default=64.0, help="bodies held by all requests together (503)")
     sp.add_argument("--admit-wait-ms", type=float, default=100.0, help="how long a request waits for a queue place before 503")
+    _public_key(sp)
 
     sp = sub.add_parser("build-engine", help="build TensorRT engines on this device from the bundle's ONNX files")
     sp.add_argument("bundle", help="bundle directory written by `edgeconv export`")
@@ -160,6 +168,12 @@ def build_parser(prog: str = "edgeconv-runtime") -> argparse.ArgumentParser:
     sp.add_argument("--plot", dest="plot_path", default=None, help="PNG: latency, images/s (and images/s per watt) per batch size")
 
     sub.add_parser("backends", help="which backends are usable here, and why not the others")
+
+    sp = sub.add_parser("keygen", help="write an Ed25519 key pair for signing bundles: NAME.pem (private, 0600) and NAME.pub.pem",
+                        epilog="Sign with `edgeconv export --sign-key NAME.pem`; devices check with --public-key NAME.pub.pem. "
+                               "Needs pip install 'edgeconv-runtime[sign]'.")
+    sp.add_argument("name", metavar="NAME", help="path prefix of the two key files")
+    sp.add_argument("--force", action="store_true", help="replace an existing key pair")
     return p
 
 
@@ -240,6 +254,15 @@ def run(argv: Optional[Sequence[str]] = None, prog: str = "edgeconv-runtime") ->
         set_max_pixels(args.max_pixels)  # the one decoder's cap, for every image this command decodes
     if args.command == "predict":
         _check_predict(args)
+    if getattr(args, "public_key", None):
+        _trust_key(args)
+    if args.command == "keygen":
+        from .signing import keygen
+
+        private, public, kid = keygen(args.name, force=args.force)
+        print(f"wrote {private} (private: sign with `edgeconv export --sign-key {private}`; keep it secret) and {public} "
+              f"(public: `--public-key {public}` on the device); key id {kid}")
+        return 0
     if args.command == "backends":
         from .backends import available_backends
 

@@ -6,8 +6,11 @@ dicts. ``Manifest.from_dict`` refuses a malformed manifest with one line naming 
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import stat
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, List, Optional, Union
@@ -19,6 +22,14 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "edgeconv.bundle"
 MANIFEST_VERSION = 1  # bump on an incompatible change; readers refuse versions newer than theirs
 MAX_MANIFEST_BYTES = 4 << 20  # a real manifest is a few KB; refuse a huge one before parsing it
+# sha256 of the manifest's canonical body (every field but this one, json.dumps(sort_keys=True, separators=(",", ":"))):
+# classes, preprocessing, tolerances, precisions and every file's sha256 are sealed by it, and `manifest.sig` signs it
+DIGEST_FIELD = "manifest_sha256"
+SIGNATURE_NAME = "manifest.sig"
+REEXPORT = "re-export it with `edgeconv export` (or `edgeconv import`)"
+# the closed sets and bounds of the preprocessing record: anything else is refused, not guessed at
+INTERPOLATIONS = ("bilinear", "bicubic")
+MAX_INPUT_SIDE = 8192  # pixels per side of the model's input; an ImageNet model takes 224-600
 
 PRECISIONS = ("fp32", "fp16", "int8")
 # what a runtime can be asked to run: the artifact precisions plus bf16, the FP32 graph in OpenVINO's bf16 mode
@@ -81,6 +92,70 @@ def resolve_inside(root: Path, rel: str, where: str = "manifest.json") -> Path:
     if target != base and base not in target.parents:
         raise EdgeconvError(f"{where} names {rel!r}, which resolves outside the bundle (a symlink?); refusing it")
     return target
+
+
+def canonical_body(d: dict) -> bytes:
+    """The bytes the manifest digest is taken over: every field but the digest, keys sorted, no spaces."""
+    body = {k: v for k, v in d.items() if k != DIGEST_FIELD}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def manifest_digest(d: dict) -> str:
+    """sha256 (hex) of ``d``'s canonical body, as written in its ``manifest_sha256`` field."""
+    return hashlib.sha256(canonical_body(d)).hexdigest()
+
+
+def seal(d: dict) -> dict:
+    """``d`` as a manifest is written: JSON values only, with its ``manifest_sha256``."""
+    body = json.loads(json.dumps({k: v for k, v in d.items() if k != DIGEST_FIELD}))  # tuples -> lists, as a reader sees them
+    body[DIGEST_FIELD] = manifest_digest(body)
+    return body
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_preprocess_values(p: dict, where: str) -> None:
+    """Refuse a preprocessing record whose values no training wrote: unknown names, non-finite or out-of-range numbers."""
+    from .preprocess import RESIZE_POLICIES
+
+    def bad(msg: str) -> None:
+        raise EdgeconvError(f"{where} has an invalid 'preprocess' record: {msg}; {REEXPORT}")
+
+    size = p.get("size")
+    if not (isinstance(size, list) and len(size) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= MAX_INPUT_SIDE for s in size)):
+        bad(f"size {str(size)[:40]} is not [height, width] of 1 to {MAX_INPUT_SIDE} pixels")
+    channels = p.get("channels", 3)
+    if channels not in (1, 3) or isinstance(channels, bool):
+        bad(f"channels {channels!r} is not 1 or 3")
+    for key in ("mean", "std"):
+        v = p.get(key)
+        if v is None:
+            continue
+        if not (isinstance(v, list) and len(v) == channels and all(_finite(x) for x in v)):
+            bad(f"{key} {str(v)[:60]} is not {channels} finite numbers")
+    if p.get("std") is not None and not all(x > 0 for x in p["std"]):
+        bad(f"std {p['std']} has a value <= 0 (the inputs would be NaN or infinite)")
+    if "scale" in p and not (_finite(p["scale"]) and p["scale"] > 0):
+        bad(f"scale {p['scale']!r} is not a finite number > 0")
+    if "crop_pct" in p and not (_finite(p["crop_pct"]) and 0 < p["crop_pct"] <= 1):
+        bad(f"crop_pct {p['crop_pct']!r} is not a number in (0, 1]")
+    if "interpolation" in p and p["interpolation"] not in INTERPOLATIONS:
+        bad(f"interpolation {str(p['interpolation'])[:40]!r} is not one of {', '.join(INTERPOLATIONS)}")
+    if "resize" in p and p["resize"] not in RESIZE_POLICIES:
+        bad(f"resize {str(p['resize'])[:40]!r} is not one of {', '.join(RESIZE_POLICIES)}")
+    if "layout" in p and p["layout"] != "NCHW":
+        bad(f"layout {str(p['layout'])[:20]!r} is not NCHW")
+    if "jpeg_draft" in p and not isinstance(p["jpeg_draft"], bool):
+        bad(f"jpeg_draft {str(p['jpeg_draft'])[:20]!r} is not true or false")
+    order = {1: "L", 3: "RGB"}.get(channels)
+    if "channel_order" in p and p["channel_order"] != order:
+        bad(f"channel_order {str(p['channel_order'])[:20]!r} does not fit {channels} channels ({order})")
+    vr = p.get("value_range")
+    if vr is not None and not (isinstance(vr, list) and len(vr) == 2 and all(_finite(x) for x in vr) and vr[0] < vr[1]):
+        bad(f"value_range {str(vr)[:40]} is not [low, high]")
 
 
 @dataclass
@@ -166,8 +241,12 @@ class Manifest:
         if version < 1:
             raise EdgeconvError(f"{where} has an invalid format version {version}; re-export the bundle")
         classes = _need(d, "classes", list, where)
-        if not classes or not all(isinstance(c, str) for c in classes):
+        if not classes or not all(isinstance(c, str) and c for c in classes):
             raise EdgeconvError(f"{where} field 'classes' must be a non-empty list of strings; re-export the bundle")
+        if len(set(classes)) != len(classes):
+            dup = next(c for c in classes if classes.count(c) > 1)
+            raise EdgeconvError(f"{where} names class {dup[:40]!r} twice; class names must be unique ({REEXPORT})")
+        check_preprocess_values(_need(d, "preprocess", dict, where), where)
         artifacts = _need(d, "artifacts", list, where, required=False, default=[])
         reference = _need(d, "reference", dict, where, required=False)
         if reference:
@@ -182,7 +261,7 @@ class Manifest:
                 check_relative_path(rel, f"{where} files")
                 if not is_sha256(digest):
                     raise EdgeconvError(f"{where} files[{rel!r}] is not a hex sha256 digest; re-export the bundle")
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} | {DIGEST_FIELD}
         m = cls(
             name=_need(d, "name", str, where),
             classes=list(classes),
@@ -213,6 +292,7 @@ class Manifest:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["artifacts"] = [a.to_dict() for a in self.artifacts]
         d.update(getattr(self, "extra", {}))
+        d.pop(DIGEST_FIELD, None)
         return d
 
     # ------------------------------------------------------------------ artifacts
@@ -238,28 +318,82 @@ class Manifest:
         return None
 
 
+def check_regular(path: Path, rel: str, root: Any) -> os.stat_result:
+    """lstat of a file a bundle holds: refused in one line unless it is a regular file (not a symlink, FIFO, device, folder)."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise EdgeconvError(f"bundle {root} is missing {rel} listed in its manifest; copy the whole bundle directory") from exc
+    if stat.S_ISLNK(st.st_mode):
+        raise EdgeconvError(f"{rel} in {root} is a symlink; a bundle holds its own files: copy the bundle with its files (cp -rL), not links")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise EdgeconvError(f"{rel} in {root} is {kind}, not a regular file; refusing the bundle (copy it again)")
+    return st
+
+
+def read_regular_bytes(path: Path, rel: str, root: Any, limit: int) -> bytes:
+    """The bytes of a small regular file of a bundle (never blocking on a FIFO), refused beyond ``limit`` bytes."""
+    from .fileio import open_regular
+
+    st = check_regular(path, rel, root)
+    if st.st_size > limit:
+        size = f"{st.st_size >> 20} MB" if st.st_size >= 1 << 20 else f"{st.st_size >> 10} KB"
+        raise EdgeconvError(f"{rel} in {root} is {size}; a manifest is a few KB, so this is not a bundle written by edgeconv")
+    try:
+        with os.fdopen(open_regular(path, follow_symlinks=False), "rb") as f:
+            return f.read(limit + 1)[:limit]
+    except OSError as exc:
+        raise EdgeconvError(f"{rel} in {root} is not readable ({exc.strerror or exc}); copy the bundle again") from exc
+
+
 def read_manifest(root: PathLike) -> Manifest:
-    """Read and validate ``root/manifest.json``; every problem is one line."""
+    """Read and validate ``root/manifest.json``; every problem is one line.
+
+    The file must be a regular file (not a symlink, FIFO or folder) whose ``manifest_sha256`` matches its
+    canonical body: a manifest edited by hand, or written before manifests were sealed, is refused.
+    """
     root = Path(root)
     path = root / MANIFEST_NAME
-    if not path.is_file():
+    if not os.path.lexists(path) or os.path.isdir(path):
         raise EdgeconvError(f"{root} is not an edgeconv bundle (no {MANIFEST_NAME}); pass a directory written by `edgeconv export`")
+    raw = read_regular_bytes(path, MANIFEST_NAME, root, MAX_MANIFEST_BYTES)
     try:
-        size = path.stat().st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise EdgeconvError(f"{path} is {size >> 20} MB; a manifest is a few KB, so this is not a bundle written by edgeconv")
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
         raise EdgeconvError(f"{path} is not readable JSON ({str(exc).splitlines()[0][:120]}); copy the bundle again") from exc
-    return Manifest.from_dict(data, str(path))
+    if isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT and isinstance(data.get("version"), int) \
+            and data["version"] <= MANIFEST_VERSION:
+        check_digest(data, root)
+    m = Manifest.from_dict(data, str(path))
+    m.digest = data[DIGEST_FIELD]
+    return m
 
 
-def write_manifest(root: PathLike, manifest: Manifest) -> None:
-    """Write ``root/manifest.json`` atomically (a crash leaves the old one or the new one)."""
-    atomic_write_json(Path(root) / MANIFEST_NAME, manifest.to_dict())
+def check_digest(data: dict, root: Any) -> None:
+    """Refuse a manifest without its ``manifest_sha256`` or whose body no longer matches it."""
+    digest = data.get(DIGEST_FIELD)
+    if digest is None:
+        raise EdgeconvError(f"{MANIFEST_NAME} in {root} has no {DIGEST_FIELD}: the bundle was written by an older edgeconv, "
+                            f"before bundles were sealed; {REEXPORT}")
+    if not is_sha256(digest):
+        raise EdgeconvError(f"{MANIFEST_NAME} in {root} has a {DIGEST_FIELD} that is not a hex sha256 digest; {REEXPORT}")
+    if manifest_digest(data) != digest:
+        raise EdgeconvError(f"{MANIFEST_NAME} in {root} was changed after export (its contents do not match its {DIGEST_FIELD}); "
+                            f"copy the bundle again or {REEXPORT}")
+
+
+def write_manifest(root: PathLike, manifest: Manifest) -> str:
+    """Write ``root/manifest.json`` atomically (a crash leaves the old one or the new one), sealed with its
+    ``manifest_sha256``; returns that digest (what ``manifest.sig`` signs)."""
+    data = seal(manifest.to_dict())
+    atomic_write_json(Path(root) / MANIFEST_NAME, data)
+    manifest.digest = data[DIGEST_FIELD]
+    return manifest.digest
 
 
 __all__ = [
+    "DIGEST_FIELD", "INTERPOLATIONS", "SIGNATURE_NAME", "check_digest", "check_preprocess_values", "check_regular", "manifest_digest", "seal",
     "Artifact", "ENGINE_FILES", "ENGINE_SUFFIXES", "FORMATS", "INT8_TENSORRT_ONNX", "MANIFEST_FORMAT", "MANIFEST_NAME",
     "MANIFEST_VERSION", "Manifest", "hash_mismatch", "is_sha256", "ONNX_FILES", "PRECISIONS", "RUNTIME_PRECISIONS", "REFERENCE_DIR", "VARIANTS", "check_relative_path",
     "read_manifest", "resolve_inside", "write_manifest",

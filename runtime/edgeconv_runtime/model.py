@@ -148,7 +148,7 @@ class Model:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, src, backend: str = "auto", precision: Optional[str] = None, threads: Optional[int] = None, check_hash: bool = True,
-             spin: bool = True, batch_profile: Optional[Sequence[int]] = None, cache_dir=None) -> "Model":
+             spin: bool = True, batch_profile: Optional[Sequence[int]] = None, cache_dir=None, public_key=None) -> "Model":
         """Load a bundle directory, a bare edgeconv .onnx, or a TensorRT engine inside a bundle.
 
         ``backend="auto"`` tries the backends fastest first and takes the first that starts with an artifact
@@ -156,7 +156,8 @@ class Model:
         raises its own error instead. ``spin=False`` lets idle CPU inference threads sleep (for servers
         sharing their cores). ``batch_profile`` (MIN, OPT, MAX; default 1, 8, 32) and ``cache_dir`` (default
         ``<bundle>/.trt_cache``, or ``~/.cache/edgeconv/trt`` when the bundle is read-only) configure ONNX
-        Runtime's TensorRT provider. ``with Model.load(...) as m:`` closes the model at the end.
+        Runtime's TensorRT provider. ``with Model.load(...) as m:`` closes the model at the end. ``public_key``
+        (an Ed25519 PEM file): refuse a bundle its owner did not sign (``manifest.sig``).
         """
         t0 = time.perf_counter()
         path = Path(src)
@@ -164,9 +165,10 @@ class Model:
             raise EdgeconvError(f"model not found: {src}; pass a bundle directory written by `edgeconv export`")
         if precision is not None and precision not in RUNTIME_PRECISIONS:
             raise EdgeconvError(f"unknown precision {precision!r}; use one of {', '.join(RUNTIME_PRECISIONS)}")
+        if public_key is not None and not path.is_dir():
+            raise EdgeconvError(f"{src} is one file; a signature covers a whole bundle: pass the bundle directory with public_key")
         if path.is_dir():
-            bundle = read_bundle(path)
-            bundle.check_hash = check_hash
+            bundle = read_bundle(path, check_hash=check_hash, public_key=public_key)  # every file checked now, whatever the precision
             precision = precision or "fp32"
             names = auto_order(precision) if backend == "auto" else (backend,)
             stored = ARTIFACT_PRECISION.get(precision, precision)  # the artifact's precision
