@@ -329,3 +329,24 @@ def test_http_stream_that_stalls_exits_non_zero_after_its_frames(bundle, stallin
     assert [f["frame"] for f in frames] == list(range(8)) and summary["frames"] == 8 and summary["problem"] in r.stderr
     assert took < READ_TIMEOUT_MS / 1000 + 60
     print(f"\nstalled stream: {r.stderr.strip()} ({took:.1f} s)")
+
+
+# ---------------------------------------------------------------------------------------------- bf16 on a CPU without it
+NO_BF16_CPU = ("import sys; import edgeconv_runtime.backends.openvino as ov; "
+               "ov.cpu_flags = lambda: {'fpu', 'sse4_2', 'avx2', 'avx512f'}; "  # an AVX-512 CPU without AVX-512 BF16 or AMX
+               "from edgeconv_runtime.cli import main; main(sys.argv[1:])")
+
+
+def test_bf16_on_a_cpu_without_it_is_one_short_line(bundle, catsdogs_dir, monkeypatch):
+    pytest.importorskip("openvino", reason="the [openvino] extra is not installed")
+    image = sorted((catsdogs_dir / "test" / "cats").iterdir())[0]
+    for backend in ("auto", "openvino-cpu"):
+        r = cli("", "predict", bundle, image, "--precision", "bf16", "--backend", backend, code=NO_BF16_CPU, timeout=120)
+        one_line_error(r, "this CPU has neither AVX-512 BF16 nor AMX, so OpenVINO cannot run bf16 here; use --precision fp32 or int8")
+        assert len(r.stderr) < 200 and "tensorrt" not in r.stderr and r.returncode == 2, r.stderr
+    from edgeconv_runtime.backends import openvino
+
+    monkeypatch.setattr(openvino, "cpu_flags", lambda: {"fpu", "avx2", "avx512f"})
+    assert openvino.bf16_status() == (False, openvino.NO_BF16)
+    monkeypatch.setattr(openvino, "cpu_flags", lambda: {"avx512f", "amx_bf16", "amx_tile"})
+    assert openvino.bf16_status()[0] == ("BF16" in openvino._core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))

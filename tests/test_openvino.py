@@ -59,7 +59,7 @@ def test_bf16_is_only_openvinos_and_auto_finds_it(mnist_bundle):
     if bf16_status()[0]:
         m = Model.load(mnist_bundle, precision="bf16")
         assert m.backend_name == "openvino-cpu"
-        assert auto_order("bf16").index("openvino-cpu") < auto_order("bf16").index("onnxruntime-cpu")
+    assert auto_order("bf16") == ("openvino-cpu",)  # the one backend that runs bf16: auto's error is its reason alone
 
 
 def test_int8_runs_the_qdq_graph(mnist_bundle):

@@ -37,7 +37,10 @@ RUNTIME_ONLY_PRECISIONS = tuple(p for p in RUNTIME_PRECISIONS if p not in PRECIS
 
 
 def auto_order(precision: str = "fp32") -> tuple:
-    """The backends `auto` tries for ``precision``, fastest first on this kind of machine."""
+    """The backends `auto` tries for ``precision``, fastest first on this kind of machine; for a precision only some
+    backends run (bf16), only those: `auto` then says why they cannot start, not why every other backend cannot either."""
+    if precision in RUNTIME_ONLY_PRECISIONS:
+        return tuple(n for n, runs in BACKEND_PRECISIONS.items() if precision in runs)
     cpu = ("openvino-cpu", "onnxruntime-cpu") if precision in OPENVINO_FIRST else ("onnxruntime-cpu", "openvino-cpu")
     return AUTO_ORDER[:-1] + cpu
 

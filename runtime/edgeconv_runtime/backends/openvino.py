@@ -52,7 +52,14 @@ def _core():
     return _CORE["core"]
 
 
-def _cpu_flags() -> set:
+# x86 CPU flags (as /proc/cpuinfo names them) for native bf16 arithmetic: AVX-512 BF16 (Cooper Lake, Zen 4 and later), AMX
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+NO_BF16 = "this CPU has neither AVX-512 BF16 nor AMX, so OpenVINO cannot run bf16 here; use --precision fp32 or int8"
+
+
+def cpu_flags() -> set:
+    """The x86 feature flags of this CPU from /proc/cpuinfo; empty where there are none to read (not Linux, or an Arm
+    CPU, whose line is "Features"). Tests replace it to see what a CPU without bf16 gets."""
     try:
         with open("/proc/cpuinfo") as f:
             return next((set(l.split(":", 1)[1].split()) for l in f if l.startswith("flags")), set())
@@ -63,17 +70,25 @@ def _cpu_flags() -> set:
 def bf16_status() -> tuple:
     """(usable, reason): whether OpenVINO's CPU plugin runs bf16 arithmetic natively on this CPU.
 
-    The plugin lists BF16 among its optimization capabilities where the CPU has AVX-512 BF16 or AMX.
+    An x86 CPU whose flags show neither AVX-512 BF16 nor AMX is refused from its flags, without loading OpenVINO; where
+    the flags say yes or cannot be read, the plugin decides (it lists BF16 among its optimization capabilities).
     """
     ok, why = openvino_status()
     if not ok:
         return ok, why
-    caps = _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    flags = cpu_flags()
+    if flags and not flags.intersection(BF16_FLAGS):
+        return False, NO_BF16
+    try:
+        caps = _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except BackendUnavailable as exc:
+        return False, str(exc)
+    except Exception as exc:  # a plugin that cannot answer: no bf16 from it
+        return False, f"OpenVINO's CPU plugin does not say whether it runs bf16 ({type(exc).__name__}: {first_line(exc)}); use --precision fp32"
     if "BF16" in caps:
         return True, "ok"
-    flags = sorted(f for f in _cpu_flags() if f == "avx512_bf16" or f.startswith("amx"))
-    have = f" (CPU flags: {', '.join(flags)})" if flags else ""
-    return False, f"this CPU has neither AVX-512 BF16 nor AMX, so OpenVINO cannot run bf16 here{have}; use fp32 or int8"
+    have = sorted(f for f in flags if f in BF16_FLAGS or f.startswith("amx"))
+    return False, NO_BF16 + (f" (CPU flags: {', '.join(have)}, but OpenVINO's CPU plugin lists no BF16)" if have else "")
 
 
 class OpenVinoBackend(Backend):
