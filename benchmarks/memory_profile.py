@@ -62,7 +62,9 @@ PHASES = {
         ("edgeconv_export.onnx:simplify", "onnxslim"),
         ("edgeconv_export.bundle:runtime_logits", "parity run (ORT)"),
         ("edgeconv_export.precision:convert_fp16", "FP16 conversion"),
-        ("edgeconv_export.precision:calibrate_int8", "INT8 calibration + quantisation"),
+        ("edgeconv_export.int8:collect_statistics", "INT8 calibration pass (streaming)"),
+        ("edgeconv_export.int8:write_int8", "INT8 graph written"),
+        ("edgeconv_export.precision:fit_to_budget", "INT8 graph judged (+ accuracy-aware)"),
     ],
 }
 

@@ -274,6 +274,8 @@ def export_options() -> list:
         o("val_data", help="Parity images (default: the checkpoint's validation split)."),
         o("opset"),
         o("max_accuracy_drop", help="Points an FP16/INT8 artifact may lose vs FP32."),
+        o("max_agreement_drop", help="Without class labels for the parity images: points of top-1 agreement with FP32 it may lose."),
+        o("max_float_nodes", help="Accuracy-aware INT8: quantized nodes that may be kept in float to meet the drop (0: off)."),
         o("batch_min", help="TensorRT profile."),
         o("batch_opt"),
         o("batch_max"),
@@ -323,6 +325,8 @@ def import_options() -> list:
         o("output", type=click.Choice(OUTPUT_KINDS), help="What the model outputs. Default: probabilities when it ends in Softmax."),
         o("calib_method", type=click.Choice(CALIBRATION_METHODS)),
         o("max_accuracy_drop", help="Points an FP16/INT8 artifact may lose vs the source."),
+        o("max_agreement_drop", help="Parity images without class folders: points of top-1 agreement with the source it may lose."),
+        o("max_float_nodes", help="Accuracy-aware INT8: quantized nodes that may be kept in float to meet the drop (0: off)."),
         o("name", help="Model name in the bundle. Default: the file's stem."),
         o("force", is_flag=True, show_default=False, help="Replace an existing bundle (only once the new one is complete)."),
         click.Option(["--sign-key", "sign_key"], type=click.Path(), help="Sign the bundle with this Ed25519 key (`edgeconv-runtime keygen NAME`)."),
@@ -354,6 +358,26 @@ def import_cmd(onnx_file: Optional[str], model_name: Optional[str], weights: Opt
         click.echo(f"note: {note}")
     click.echo(format_manifest(manifest.to_dict()))
     click.echo(f"imported in {time.perf_counter() - t0:.1f} s into {kw['out']}")
+
+
+@cli.command("quant-report")
+@click.argument("bundle", type=click.Path())
+@click.option("--data", type=click.Path(), default=None, help="Folder of real images (default: the bundle's reference images).")
+@click.option("--images", type=int, default=16, show_default=True, help="Images to compare on (at most 64).")
+@click.option("--variant", type=click.Choice(["default", "portable", "tensorrt"]), default="default", show_default=True,
+              help="Which INT8 graph: the CPU one, the portable one, the TensorRT one.")
+@click.option("--top", type=int, default=None, help="Print only the N worst tensors.")
+@click.option("--json", "json_path", type=click.Path(), default=None, help="Write every row as JSON.")
+@user_errors
+def quant_report_cmd(bundle: str, data: Optional[str], images: int, variant: str, top: Optional[int], json_path: Optional[str]) -> None:
+    """Per quantized tensor: cosine and error between a bundle's INT8 and FP32 graphs on real images, worst first."""
+    from edgeconv_export.quant_report import format_report, quant_report
+    from edgeconv_runtime.fileio import atomic_write_json
+
+    report = quant_report(bundle, data, variant, images)
+    if json_path:
+        atomic_write_json(json_path, report)
+    click.echo(format_report(report, top))
 
 
 def _runtime_passthrough(command: str):

@@ -50,4 +50,5 @@ def import_named(model_name: str, weights: Optional[str], req):
     return export_module(module, classes, pre, req.calib_data, req.out, val_images=req.val_data, precisions=default_precisions(req),
                          name=req.name or model_name.split(":", 1)[1], calib_size=req.calib_size, val_size=req.val_size,
                          max_accuracy_drop=req.max_accuracy_drop, calibration_method=req.calib_method, force=req.force,
+                         int8_options={"max_agreement_drop": req.max_agreement_drop, "max_float_nodes": req.max_float_nodes},
                          source={"model": model_name, "weights": weights})

@@ -130,7 +130,7 @@ def test_import_mobilenet_calibrated_and_verified(sources, catsdogs_dir, tmp_pat
     assert m["source"]["input"] == {"name": "input.1", "shape": f"[1, 3, {SIZE}, {SIZE}]", "layout": "NCHW", "channel_order": "RGB"}
     assert m["parity"]["reference"].startswith("the source ONNX") and m["source"]["parity_labels"] == "class folders"
     arts = {(a["precision"], a["variant"]): a for a in m["artifacts"]}
-    assert set(arts) == {("fp32", "default"), ("fp16", "default"), ("int8", "default"), ("int8", "tensorrt")}
+    assert set(arts) >= {("fp32", "default"), ("fp16", "default"), ("int8", "default")}  # portable / tensorrt: each judged on its own
     assert arts[("fp32", "default")]["parity"]["max_abs_diff"] <= 1e-4 and m["calibration"]["images"] == 200
     int8 = arts[("int8", "default")]["parity"]
     print(f"INT8 vs source FP32 on {int8['n']} real validation images: top-1 agreement {int8['top1_agreement']:.4f}, "
@@ -253,7 +253,7 @@ def test_export_module_same_bundle_kind(catsdogs_tiny, tmp_path):
     pre = Preprocess(size=(48, 48), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     manifest = export_module(module, ["cats", "dogs"], pre, catsdogs_tiny / "train", out, val_images=catsdogs_tiny / "validation",
                              max_accuracy_drop=100)
-    assert {(a.precision, a.variant) for a in manifest.artifacts} == {("fp32", "default"), ("fp16", "default"), ("int8", "default"), ("int8", "tensorrt")}
+    assert {(a.precision, a.variant) for a in manifest.artifacts} >= {("fp32", "default"), ("fp16", "default"), ("int8", "default")}
     assert manifest.parity["reference"] == "PyTorch" and manifest.source["module"].endswith("Sequential")
     assert manifest.reference["n"] == 8 and len(manifest.reference["images"]) == 8 and manifest.calibration["images"] == 80
     for precision in ("fp32", "int8"):

@@ -70,6 +70,7 @@ def test_both_graphs_share_one_calibration(mnist_bundle):
     record = read_manifest(mnist_bundle).calibration
     assert [(g["file"], g["variant"], g["activations"], g["bias"]) for g in record["graphs"]] == [
         ("model.int8.onnx", "default", "uint8-asymmetric", "int32 DequantizeLinear"),
+        ("model.int8.portable.onnx", "portable", "uint8-asymmetric", "int32 DequantizeLinear"),
         ("model.int8.trt.onnx", "tensorrt", "int8-symmetric", "float"),
     ]
     assert record["calibrated_tensors"] >= len(shared) and record["images"] == 200

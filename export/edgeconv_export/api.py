@@ -17,6 +17,7 @@ from .images import DEFAULT_CALIB_SIZE, DEFAULT_VAL_SIZE, Images, gather_images
 def export_module(module, classes: Sequence[str], preprocess: Union[Preprocess, dict], calib_images: Optional[Images], out,
                   val_images: Optional[Images] = None, precisions: Sequence[str] = ("fp32", "fp16", "int8"), name: Optional[str] = None,
                   calib_size: int = DEFAULT_CALIB_SIZE, val_size: int = DEFAULT_VAL_SIZE, max_accuracy_drop: float = 1.0,
+                  int8_options: Optional[dict] = None,
                   opset: Optional[int] = None, calibration_method: str = "minmax", force: bool = False,
                   source: Optional[dict] = None) -> Manifest:
     """Trace ``module`` (an ``nn.Module`` taking NCHW float32, giving one score per class) and write a bundle at ``out``.
@@ -34,7 +35,8 @@ def export_module(module, classes: Sequence[str], preprocess: Union[Preprocess, 
         raise EdgeconvError(f"{out} already exists; pass force=True to replace it or choose another out")
     if val_images is None and calib_images is None:
         raise EdgeconvError("parity is checked on real images; pass calib_images or val_images (a folder of images or a list of files)")
-    opts = ExportOptions(precisions=tuple(precisions), max_accuracy_drop=max_accuracy_drop, calibration_method=calibration_method, force=force)
+    opts = ExportOptions(precisions=tuple(precisions), max_accuracy_drop=max_accuracy_drop, calibration_method=calibration_method, force=force,
+                         **(int8_options or {}))
     if opset is not None:
         opts.opset = opset
     opts.validate()

@@ -20,14 +20,16 @@ import numpy as np
 from edgeconv_runtime.bench import library_versions
 from edgeconv_runtime.errors import EdgeconvError
 from edgeconv_runtime.fileio import atomic_directory, sha256_file
-from edgeconv_runtime.manifest import INT8_TENSORRT_ONNX, ONNX_FILES, PRECISIONS, Artifact, Manifest, read_manifest, write_manifest
+from edgeconv_runtime.cpuclass import CPU_CLASSES, cpu_class
+from edgeconv_runtime.manifest import INT8_PORTABLE_ONNX, INT8_TENSORRT_ONNX, ONNX_FILES, PRECISIONS, Artifact, Manifest, read_manifest, write_manifest
 from edgeconv_runtime.manifest import MANIFEST_NAME, SIGNATURE_NAME
 from edgeconv_runtime.signing import sign_bundle
 from edgeconv_runtime.parity import TOLERANCES, parity_report, tolerance_problems
 from edgeconv_runtime.preprocess import Preprocess, normalize
 
 from . import onnx as onnx_io
-from .precision import CALIBRATION_METHODS, INT8_CPU_PURPOSE, INT8_TENSORRT_PURPOSE, calibrate_int8, convert_fp16
+from .int8 import RECIPES
+from .precision import CALIBRATION_METHODS, MAX_FLOAT_NODES, SENSITIVITY_IMAGES, Int8Writer, convert_fp16, fit_to_budget
 
 log = logging.getLogger("edgeconv.export")
 
@@ -48,6 +50,10 @@ class ExportOptions:
     opset: int = onnx_io.DEFAULT_OPSET
     calibration_method: str = "minmax"
     max_accuracy_drop: float = 1.0  # points of accuracy an FP16/INT8 artifact may lose vs FP32
+    # without labels (an import's images in no class folders) "accuracy" is top-1 agreement with the source, a far stricter
+    # measure (near-ties among 1,000 classes flip): the points of agreement an FP16/INT8 artifact may lose there
+    max_agreement_drop: float = 3.0
+    max_float_nodes: int = MAX_FLOAT_NODES  # accuracy-aware INT8: quantized nodes that may stay float (0: off)
     simplify: bool = True
     batch_min: int = 1
     batch_opt: int = 8
@@ -103,6 +109,7 @@ class ExportInputs:
     onnx_source: Optional[Path] = None
     reference_logits: Optional[np.ndarray] = None
     reference_name: str = "PyTorch"
+    labels_from_reference: bool = False  # val_y is the reference's own top-1 (no class folders): drops are in agreement
     qat_onnx: Optional[Path] = None  # a QDQ graph from quantization-aware training: shipped as the INT8 graph, not calibrated
 
 
@@ -130,7 +137,25 @@ def runtime_logits(path: Path, x: np.ndarray, batch_size: int = PARITY_BATCH) ->
         backend.close()
 
 
-def _gate(precision: str, report: dict, fp32_accuracy: float, max_drop: float, reference: str = "PyTorch") -> None:
+def _budget(inp: ExportInputs, opts: ExportOptions) -> tuple:
+    """(points an FP16/INT8 artifact may lose, what they are points of, the flag that sets them)."""
+    if inp.labels_from_reference:
+        return opts.max_agreement_drop, "top-1 agreement", "--max-agreement-drop"
+    return opts.max_accuracy_drop, "accuracy", "--max-accuracy-drop"
+
+
+def _drop_problem(precision: str, report: dict, fp32_accuracy: float, budget: tuple) -> Optional[str]:
+    """Why ``report`` misses the budget against FP32 (sets report["accuracy_drop_points"]), or None."""
+    max_drop, what, flag = budget
+    drop = round(100.0 * (fp32_accuracy - report["accuracy"]), 9)  # 1 image in 100 is 1.0 points, not 1.0000000000000009
+    report["accuracy_drop_points"] = round(drop, 3)
+    if drop > max_drop:
+        return (f"{precision} {what} {100 * report['accuracy']:.2f} % is {drop:.2f} points below FP32 {100 * fp32_accuracy:.2f} % "
+                f"(allowed {max_drop} by {flag})")
+    return None
+
+
+def _gate(precision: str, report: dict, fp32_accuracy: float, max_drop, reference: str = "PyTorch") -> None:
     """Refuse an artifact whose outputs disagree with the reference (PyTorch) beyond its precision's tolerance."""
     if not report["finite"]:
         raise EdgeconvError(f"{precision} model produced NaN/Inf logits on the validation images; it cannot be shipped")
@@ -141,14 +166,11 @@ def _gate(precision: str, report: dict, fp32_accuracy: float, max_drop: float, r
                 f"max abs diff {report['max_abs_diff']:.2e} (limits 1.0 and {FP32_MAX_ABS:.0e}); the export is broken, not shipped"
             )
         return
-    drop = round(100.0 * (fp32_accuracy - report["accuracy"]), 9)  # 1 image in 100 is 1.0 points, not 1.0000000000000009
-    report["accuracy_drop_points"] = round(drop, 3)
-    if drop > max_drop:
+    budget = max_drop if isinstance(max_drop, tuple) else (max_drop, "accuracy", "--max-accuracy-drop")
+    problem = _drop_problem(precision, report, fp32_accuracy, budget)
+    if problem:
         hint = "; calibrate on more images (--calib-size) or try --calib-method entropy/percentile" if precision == "int8" else ""
-        raise EdgeconvError(
-            f"{precision} accuracy {100 * report['accuracy']:.2f} % is {drop:.2f} points below FP32 {100 * fp32_accuracy:.2f} % "
-            f"(allowed {max_drop} by --max-accuracy-drop){hint}"
-        )
+        raise EdgeconvError(problem + hint)
 
 
 def _gate_reference(precision: str, report: dict) -> None:
@@ -222,8 +244,11 @@ def export_bundle(inp: ExportInputs, out: str | Path, opts: ExportOptions) -> Ma
     ref_logits = inp.reference_logits if inp.reference_logits is not None else torch_logits(inp.model, inp.val_x)
     with atomic_directory(out, force=opts.force) as tmp:
         fp32 = _write_fp32(tmp, inp, opts, ref_logits)
-        calibration = _write_lower_precisions(tmp, inp, opts, precisions, fp32.metadata)
+        calibration = _write_lower_precisions(tmp, inp, opts, precisions, fp32.metadata)  # FP16, and INT8 from QAT
         artifacts = _gated_artifacts(tmp, inp, opts, precisions, fp32, ref_logits)
+        if "int8" in precisions and inp.qat_onnx is None:
+            int8_artifacts, calibration = _calibrated_int8(tmp, inp, opts, fp32, ref_logits, artifacts[0].parity["accuracy"])
+            artifacts.extend(int8_artifacts)
         manifest = Manifest(
             name=inp.name,
             classes=list(inp.classes),
@@ -329,13 +354,11 @@ def _write_lower_precisions(tmp: Path, inp: ExportInputs, opts: ExportOptions, p
         onnx_io.set_metadata(tmp / ONNX_FILES["fp16"], metadata)
     if "int8" not in precisions:
         return None
-    if inp.qat_onnx is not None:  # ranges learned in training (edgeconv train --qat): nothing to calibrate
-        from .qat import write_qat_int8
+    if inp.qat_onnx is None:
+        return None  # calibrated INT8 is written and judged graph by graph (_calibrated_int8), after FP32's accuracy is known
+    from .qat import write_qat_int8  # ranges learned in training (edgeconv train --qat): nothing to calibrate
 
-        calibration = write_qat_int8(inp.qat_onnx, tmp / ONNX_FILES["int8"], tmp / INT8_TENSORRT_ONNX)
-    else:
-        # two graphs, one calibration: uint8 activations for CPUs, symmetric int8 for TensorRT
-        calibration = calibrate_int8(fp32, tmp / ONNX_FILES["int8"], tmp / INT8_TENSORRT_ONNX, inp.calib_x, opts.calibration_method)
+    calibration = write_qat_int8(inp.qat_onnx, tmp / ONNX_FILES["int8"], tmp / INT8_TENSORRT_ONNX)
     calibration["source"] = inp.calibration_source
     onnx_io.set_metadata(tmp / ONNX_FILES["int8"], metadata)
     onnx_io.set_metadata(tmp / INT8_TENSORRT_ONNX, metadata)
@@ -345,10 +368,12 @@ def _write_lower_precisions(tmp: Path, inp: ExportInputs, opts: ExportOptions, p
 def _gated_artifacts(tmp: Path, inp: ExportInputs, opts: ExportOptions, precisions: tuple, fp32: _Fp32Graph,
                      ref_logits: np.ndarray) -> list:
     """Every ONNX artifact measured on the parity images and gated (FP32 first: the others' accuracy drop is against it)."""
-    onnx_files = [(prec, "default", ONNX_FILES[prec]) for prec in precisions]
-    if "int8" in precisions:
+    qat = "int8" in precisions and inp.qat_onnx is not None  # calibrated INT8 graphs are judged in _calibrated_int8
+    onnx_files = [(prec, "default", ONNX_FILES[prec]) for prec in precisions if prec != "int8" or qat]
+    if qat:
         onnx_files.append(("int8", "tensorrt", INT8_TENSORRT_ONNX))
-    purposes = {("int8", "default"): INT8_CPU_PURPOSE, ("int8", "tensorrt"): INT8_TENSORRT_PURPOSE}
+    purposes = {("int8", "default"): "ONNX Runtime CPU, every x86 and ARM64 CPU: ranges from quantization-aware training, 7-bit weights",
+                ("int8", "tensorrt"): RECIPES["tensorrt"].purpose}
     artifacts, fp32_accuracy = [], None
     for prec, variant, name in onnx_files:
         path = tmp / name
@@ -364,8 +389,10 @@ def _gated_artifacts(tmp: Path, inp: ExportInputs, opts: ExportOptions, precisio
         report["backend"] = "onnxruntime-cpu"
         if prec == "fp32":
             fp32_accuracy = report["accuracy"]
-        _gate(prec, report, fp32_accuracy, opts.max_accuracy_drop, inp.reference_name)
+        _gate(prec, report, fp32_accuracy, _budget(inp, opts), inp.reference_name)
         details = dict(fp32.details) if prec == "fp32" else {"opset": fp32.details["opset"], "nodes": onnx_io.node_count(path)}
+        if qat and (prec, variant) == ("int8", "default"):
+            details["validated_cpu_classes"] = list(CPU_CLASSES)  # 7-bit weights: no pair sum can saturate anywhere
         external = _external_data(path)
         if external:  # covered by the manifest's files map, checked by the runtime with the graph
             details["external_data"] = external
@@ -384,3 +411,111 @@ def _write_reference(ref_dir: Path, inp: ExportInputs, ref_logits: np.ndarray) -
     images = _write_reference_images(ref_dir / "images", inp, k)
     return {"inputs": "reference/inputs.npy", "outputs": "reference/outputs.npy", "labels": "reference/labels.npy",
             "n": k, "images": images, "source_files": [str(f) for f in inp.reference_files[:k]]}
+
+
+# the calibrated INT8 graphs: (variant, file, recipe). "default" must pass; the others are dropped with a warning when they miss
+INT8_GRAPHS = (("default", ONNX_FILES["int8"], "cpu"), ("portable", INT8_PORTABLE_ONNX, "portable"), ("tensorrt", INT8_TENSORRT_ONNX, "tensorrt"))
+
+
+def _kl(ref: np.ndarray, cand: np.ndarray) -> float:
+    """Mean KL divergence of the candidate's softmax from the reference's: how far INT8 moved the answers (lower is better)."""
+    r = ref.astype(np.float64) - ref.max(1, keepdims=True)
+    c = cand.astype(np.float64) - cand.max(1, keepdims=True)
+    lp = r - np.log(np.exp(r).sum(1, keepdims=True))
+    lq = c - np.log(np.exp(c).sum(1, keepdims=True))
+    return float((np.exp(lp) * (lp - lq)).sum(1).mean())
+
+
+def _calibrated_int8(tmp: Path, inp: ExportInputs, opts: ExportOptions, fp32: _Fp32Graph, ref_logits: np.ndarray,
+                     fp32_accuracy: float) -> tuple:
+    """Calibrate once, write each INT8 graph, judge each on its own (accuracy budget and the reference images' `verify`);
+    a graph that misses keeps its most sensitive nodes in float until it passes (``fit_to_budget``). The CPU graph must
+    pass; the portable and TensorRT graphs are dropped with a warning (the TensorRT one is required with --format tensorrt)."""
+    budget = _budget(inp, opts)
+    here = cpu_class()
+    writer = Int8Writer(tmp / ONNX_FILES["fp32"], inp.calib_x, opts.calibration_method, tmp)
+    sub = inp.val_x[:SENSITIVITY_IMAGES]
+    reports = {}
+
+    def judge(path: Path) -> tuple:
+        logits = runtime_logits(path, inp.val_x)
+        report = parity_report(ref_logits, logits, inp.val_y)
+        problems = [] if report["finite"] else ["outputs contain NaN/Inf"]
+        problems += [p for p in [_drop_problem("int8", report, fp32_accuracy, budget)] if p]
+        k = min(REFERENCE_IMAGES, len(logits))
+        problems += [f"`verify` on the {k} reference images: {p}" for p in tolerance_problems(parity_report(ref_logits[:k], logits[:k]), "int8")]
+        reports[path.name] = report
+        return ("; ".join(problems) or None), _kl(ref_logits, logits)
+
+    def rank(path: Path) -> float:
+        return _kl(ref_logits[: len(sub)], runtime_logits(path, sub))
+
+    artifacts, graphs = [], []
+    try:
+        for variant, name, recipe_name in INT8_GRAPHS:
+            recipe, path = RECIPES[recipe_name], tmp / name
+            record = fit_to_budget(writer, path, recipe, judge, opts.max_float_nodes, rank)
+            required = variant == "default" or (variant == "tensorrt" and "tensorrt" in opts.formats)
+            if not record["passed"]:
+                message = _int8_refusal(name, recipe_name, record, opts)
+                path.unlink(missing_ok=True)
+                if required:
+                    raise EdgeconvError(message)
+                log.warning("dropped %s", message)
+                graphs.append({"file": name, "variant": variant, "recipe": recipe_name, "dropped": record.get("best_problem") or record["problem"]})
+                continue
+            onnx_io.set_metadata(path, fp32.metadata)
+            onnx_io.check_onnx(path)
+            if record["method"] == "accuracy-aware":
+                judge(path)  # the report of the graph as shipped (the search judged it under another name)
+            report = reports[path.name]
+            report["backend"] = "onnxruntime-cpu"
+            if variant != "tensorrt":  # the classes whose integer sums equal the ones just measured on this CPU
+                record["validated_cpu_classes"] = list(recipe.exact_on) if here in recipe.exact_on else [here]
+                record["measured_on"] = here
+                record["speedup_vs_fp32_batch1"] = _speedup(tmp / ONNX_FILES["fp32"], path, inp.val_x[:1])
+                if record["float_nodes"] and record["speedup_vs_fp32_batch1"] < 1.0:
+                    log.warning("%s keeps %d nodes in float and runs at %.2fx FP32's speed here", name, len(record["float_nodes"]),
+                                record["speedup_vs_fp32_batch1"])
+            details = {"opset": fp32.details["opset"], "nodes": onnx_io.node_count(path), "int8": record}
+            if record.get("validated_cpu_classes"):
+                details["validated_cpu_classes"] = record["validated_cpu_classes"]
+            artifacts.append(Artifact(name, "onnx", "int8", sha256_file(path), path.stat().st_size, report, details,
+                                      variant=variant, purpose=recipe.purpose))
+            graphs.append({"file": name, "variant": variant, "recipe": recipe_name, **recipe.layout(), "method": record["method"],
+                           "float_nodes": len(record["float_nodes"]), "accuracy_drop_points": report.get("accuracy_drop_points")})
+    finally:
+        writer.close()
+    calibration = {**writer.record(), "graphs": graphs, "source": inp.calibration_source,
+                   "budget": {"points": budget[0], "of": budget[1]}}
+    return artifacts, calibration
+
+
+def _int8_refusal(name: str, recipe: str, record: dict, opts: ExportOptions) -> str:
+    """One line: which INT8 graph missed, what it tried and how close it got."""
+    if not record.get("nodes_tried"):
+        fix = "allow accuracy-aware INT8 (--max-float-nodes N)" if opts.max_float_nodes <= 0 else "calibrate on more images (--calib-size)"
+        return f"INT8 graph {name} ({recipe}): {record['problem']}; {fix}, or export without int8"
+    tried = record["tried"]
+    return (f"INT8 graph {name} ({recipe}): {record['problem']}; kept {len(tried)} nodes in float ({', '.join(tried[:3])}"
+            f"{', ...' if len(tried) > 3 else ''}) and the best was still: {record.get('best_problem') or 'unknown'}; "
+            f"allow more (--max-float-nodes) or a larger drop, calibrate on more images (--calib-size), or export without int8")
+
+
+def _speedup(fp32_path: Path, int8_path: Path, x: np.ndarray, rounds: int = 15) -> float:
+    """FP32 time / INT8 time at batch 1 on this CPU (medians of alternating runs, after a warm-up)."""
+    from edgeconv_runtime.backends import create_backend
+
+    backends = [create_backend("onnxruntime-cpu", str(p)) for p in (fp32_path, int8_path)]
+    try:
+        times = ([], [])
+        for r in range(rounds + 3):
+            for i, be in enumerate(backends):
+                t0 = time.perf_counter()
+                be.infer(x)
+                if r >= 3:
+                    times[i].append(time.perf_counter() - t0)
+        return round(float(np.median(times[0]) / np.median(times[1])), 3)
+    finally:
+        for be in backends:
+            be.close()

@@ -80,7 +80,7 @@ class RealImages:
         return ExportInputs(model=kw.pop("model", None), name=name, classes=list(classes), preprocess=pre, val_x=self.val_x,
                             val_y=ref_logits.argmax(1) if val_y is None else val_y, calib_x=self.calib_x,
                             reference_files=[str(f) for f in self.val_files], reference_logits=ref_logits, source=source,
-                            calibration_source=self.calib_source, **kw)
+                            calibration_source=self.calib_source, labels_from_reference=val_y is None, **kw)
 
 
 def gather_images(val: Images, calib: Optional[Images], pre: Preprocess, val_size: int = DEFAULT_VAL_SIZE,

@@ -61,6 +61,8 @@ class ImportRequest:
     val_size: int = DEFAULT_VAL_SIZE
     calib_method: str = "minmax"
     max_accuracy_drop: float = 1.0
+    max_agreement_drop: float = ExportOptions.max_agreement_drop
+    max_float_nodes: int = ExportOptions.max_float_nodes
     name: Optional[str] = None
     force: bool = False
 
@@ -425,7 +427,7 @@ def import_onnx(req: ImportRequest):
     t0 = time.perf_counter()
     check_request(req)
     opts = ExportOptions(precisions=default_precisions(req), calibration_method=req.calib_method, max_accuracy_drop=req.max_accuracy_drop,
-                         force=req.force)
+                         max_agreement_drop=req.max_agreement_drop, max_float_nodes=req.max_float_nodes, force=req.force)
     opts.validate()
     source = load_source(req.onnx)
     info = inspect_graph(source, req.layout)

@@ -1,18 +1,23 @@
 """FP16 conversion and INT8 static quantisation (QDQ, per-channel weights) of an FP32 ONNX file.
 
-INT8 gives two graphs from one calibration: one for CPUs, one for TensorRT."""
+INT8 gives up to three graphs from one calibration (int8.py says why): one for CPUs whose 8-bit sums are exact
+(VNNI x86, ARM64), a portable one for every CPU, one for TensorRT; each is judged on its own and, when it misses the
+accuracy budget, keeps its most sensitive nodes in float (``fit_to_budget``)."""
 from __future__ import annotations
 
-import json
+import contextlib
+import io
 import logging
-import tempfile
+import shutil
 from pathlib import Path
+from typing import List, Optional, Sequence
 
 import numpy as np
 
 from edgeconv_runtime.errors import EdgeconvError
 from edgeconv_runtime.manifest import PRECISIONS  # noqa: F401  (re-exported: the runtime owns the list)
 
+from .int8 import RECIPES, Recipe, collect_statistics, dense_inputs, write_int8
 from .onnx import INPUT_NAME
 
 log = logging.getLogger("edgeconv.export")
@@ -53,99 +58,119 @@ def _toposort(graph) -> None:
     graph.node.extend(copies)
 
 
-# images per calibration run. ONNX Runtime runs the calibration graph (a ReduceMin/ReduceMax on every tensor)
-# unoptimised, holding about 200 MB per 300 px EfficientNet-Lite0 image: +3.2 GB at 16, +0.29 GB at 1, as fast.
-# The ranges do not depend on it: min/max merge across batches, the histogram methods gather every batch first.
-CALIBRATION_BATCH = 1
-
-
-class _ArrayReader:
-    """ONNX Runtime calibration reader over preprocessed NCHW float32 images (an array or NormalizedImages)."""
-
-    def __init__(self, x: np.ndarray, batch_size: int = CALIBRATION_BATCH):
-        self.x = x
-        self.batch_size = batch_size
-        self.i = 0
-
-    def get_next(self):
-        if self.i >= len(self.x):
-            return None
-        batch = self.x[self.i : self.i + self.batch_size]
-        self.i += self.batch_size
-        return {INPUT_NAME: batch}
-
-    def rewind(self) -> None:
-        self.i = 0
-
-
-INT8_CPU_LAYOUT = {"activations": "uint8-asymmetric", "weights": "int8-symmetric-per-channel", "bias": "int32 DequantizeLinear"}
-INT8_TENSORRT_LAYOUT = {"activations": "int8-symmetric", "weights": "int8-symmetric-per-channel", "bias": "float"}
-INT8_CPU_PURPOSE = "ONNX Runtime CPU, x86 and aarch64: uint8 activations, int8 per-channel weights (U8S8)"
-INT8_TENSORRT_PURPOSE = "TensorRT / ORT TensorRT provider: symmetric int8, zero points 0, float bias"
+INT8_CPU_PURPOSE = RECIPES["cpu"].purpose
+INT8_PORTABLE_PURPOSE = RECIPES["portable"].purpose
+INT8_TENSORRT_PURPOSE = RECIPES["tensorrt"].purpose
 MIN_ORT_CALIBRATION_CACHE = "1.27"  # first onnxruntime whose quantize_static takes calibration_cache_path
+# accuracy-aware fallback: how many quantized nodes may be kept in float before INT8 is refused, and how many
+# parity images rank the nodes (every step is then judged on all of them)
+MAX_FLOAT_NODES = 12
+SENSITIVITY_IMAGES = 64
 
 
-def calibrate_int8(src: Path, cpu_dst: Path, tensorrt_dst: Path, calib: np.ndarray, method: str = "minmax") -> dict:
-    """Calibrate once on real images and write both INT8 QDQ graphs from those same ranges.
+class Int8Writer:
+    """One calibration pass on real images, then any INT8 graph of the FP32 graph from the same ranges.
 
-    ``cpu_dst``: uint8 activations with zero points, int8 symmetric per-channel weights, int32
-    bias. ONNX Runtime's U8S8 path: fast on x86 (VNNI/AVX2); ORT's quantisation guide says U8S8
-    is no slower than U8U8 on high-end ARM64 and faster on low-end, so aarch64 CPUs use it too.
-    ``tensorrt_dst``: int8 symmetric activations and weights (every zero point 0) and float
-    bias: the QDQ form TensorRT's explicit quantisation and ORT's TensorRT provider accept.
-    ONNX Runtime's x86 CPU kernels run it 2.5-4.7x slower than the uint8 graph (lite0, batch 1), hence two files.
-    Returns the calibration record for the manifest.
-    """
-    import inspect
+    ``prep`` is the FP32 graph after ONNX Runtime's pre-processing (shape inference, BN folding), with a name on
+    every node so nodes can be kept in float by name; ``stats`` the ranges, histograms' thresholds and Conv/Gemm
+    input means measured on ``calib`` one image at a time (memory: one image, whatever the method)."""
 
-    import onnxruntime
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    def __init__(self, src: Path, calib, method: str, workdir: Path):
+        import inspect
+
+        import onnxruntime
+        from onnxruntime.quantization import quantize_static
+
+        if method not in CALIBRATION_METHODS:
+            raise EdgeconvError(f"unknown calibration method {method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
+        if calib is None or len(calib) == 0:
+            raise EdgeconvError("no calibration images; pass --calib-data with a folder of real training images")
+        if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+            raise EdgeconvError(f"INT8 export needs onnxruntime >= {MIN_ORT_CALIBRATION_CACHE} (found {onnxruntime.__version__}) "
+                                f"to write every INT8 graph from one calibration; run `pip install -U 'onnxruntime>={MIN_ORT_CALIBRATION_CACHE}'`")
+        if len(calib) < MIN_CALIBRATION_WARN:
+            log.warning("calibrating INT8 on only %d images; 100 or more give steadier ranges (--calib-size / --calib-data)", len(calib))
+        self.workdir = workdir
+        self.prep = workdir / ".int8.prep.onnx"
+        _preprocess_for_quantization(src, self.prep)
+        self.method = method
+        self.stats = collect_statistics(self.prep, calib, method, INPUT_NAME)
+        self._order: Optional[List[str]] = None
+        self.order_from = None
+
+    def write(self, dst: Path, recipe: Recipe, float_nodes: Sequence[str] = ()) -> dict:
+        return write_int8(self.prep, dst, self.stats, recipe, float_nodes, workdir=self.workdir)
+
+    def sensitivity_order(self, trial: Path, recipe: Recipe, rank) -> List[str]:
+        """Quantized nodes, most sensitive first: each kept in float alone, ranked by ``rank(graph)`` (lower: better).
+        Measured once, on the first recipe that needs it; the other graphs share the order (same nodes, same ranges)."""
+        if self._order is None:
+            scores = []
+            for node in self.candidates():
+                self.write(trial, recipe, [node])
+                scores.append((rank(trial), node))
+            self._order = [n for _, n in sorted(scores)]
+            self.order_from = recipe.name
+        return self._order
+
+    def candidates(self) -> List[str]:
+        """Nodes the accuracy-aware fallback may keep in float: the quantized Conv/Gemm/MatMul (the int8 arithmetic)."""
+        import onnx
+
+        return list(dense_inputs(onnx.load(str(self.prep))))
+
+    def record(self) -> dict:
+        return {"method": self.method, "images": self.stats.images, "format": "QDQ", "per_channel_weights": True,
+                "calibrated_tensors": self.stats.tensors, "bias_correction": "empirical, per output channel (W - W_q) . E[x]"}
+
+    def close(self) -> None:
+        self.prep.unlink(missing_ok=True)
+
+
+def _preprocess_for_quantization(src: Path, dst: Path) -> None:
+    """ONNX Runtime's pre-processing (an optimisation: the raw graph when it fails), and a unique name on every node."""
+    import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if method not in CALIBRATION_METHODS:
-        raise EdgeconvError(f"unknown calibration method {method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
-    if len(calib) == 0:
-        raise EdgeconvError("no calibration images; pass --calib-data with a folder of real training images")
-    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
-        raise EdgeconvError(f"INT8 export needs onnxruntime >= {MIN_ORT_CALIBRATION_CACHE} (found {onnxruntime.__version__}) "
-                            f"to give both INT8 graphs one calibration; run `pip install -U 'onnxruntime>={MIN_ORT_CALIBRATION_CACHE}'`")
-    if len(calib) < MIN_CALIBRATION_WARN:
-        log.warning("calibrating INT8 on only %d images; 100 or more give steadier ranges (--calib-size / --calib-data)", len(calib))
-    cm = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
-    common = {"WeightSymmetric": True}
-    if method == "percentile":
-        common["CalibPercentile"] = 99.99
-    with tempfile.TemporaryDirectory() as tmp:
-        prep = Path(tmp) / "prep.onnx"
-        try:
-            quant_pre_process(str(src), str(prep), skip_symbolic_shape=True)
-        except Exception as exc:  # pre-processing is an optimisation; quantise the raw graph if it fails
-            log.info("quant_pre_process skipped: %s", str(exc).splitlines()[0][:120])
-            prep = src
-        ranges = Path(tmp) / "ranges.json"
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    except Exception as exc:  # noqa: BLE001 - pre-processing is an optimisation; quantise the raw graph if it fails
+        log.info("quant_pre_process skipped: %s", str(exc).splitlines()[0][:120])
+        shutil.copyfile(src, dst)
+    model = onnx.load(str(dst))
+    seen = set()
+    for i, n in enumerate(model.graph.node):
+        if not n.name or n.name in seen:
+            n.name = f"{n.op_type}_{i}"
+        seen.add(n.name)
+    onnx.save(model, str(dst))
 
-        def quantize(dst: Path, reader, activation_type, extra: dict) -> None:
-            quantize_static(str(prep), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=activation_type, weight_type=QuantType.QInt8, calibrate_method=cm,
-                            extra_options={**common, **extra}, calibration_cache_path=str(ranges))
 
-        # the one calibration pass: ORT computes the ranges and saves them to `ranges`
-        # one image a run (CALIBRATION_BATCH): histograms (entropy, percentile) are stacked per tensor across
-        # batches, so every batch must have one size, and memory stays that of one image
-        quantize(cpu_dst, _ArrayReader(calib), QuantType.QUInt8, {"ActivationSymmetric": False})
-        # no reader: quantize_static must read the saved ranges back (it raises rather than calibrate again)
-        quantize(tensorrt_dst, None, QuantType.QInt8, {"ActivationSymmetric": True, "QuantizeBias": False})
-        tensors = len(json.loads(ranges.read_text())["data"])
-    return {
-        "method": method,
-        "images": int(len(calib)),
-        "format": "QDQ",
-        "per_channel_weights": True,
-        "calibrated_tensors": tensors,
-        "graphs": [
-            {"file": cpu_dst.name, "variant": "default", **INT8_CPU_LAYOUT,
-             "ranges": "calibrated on these images (the one calibration pass)"},
-            {"file": tensorrt_dst.name, "variant": "tensorrt", **INT8_TENSORRT_LAYOUT,
-             "ranges": "the same ranges, read back from that calibration (no second pass)"},
-        ],
-    }
+def fit_to_budget(writer: Int8Writer, dst: Path, recipe: Recipe, judge, limit: int = MAX_FLOAT_NODES, rank=None) -> dict:
+    """Write ``recipe`` to ``dst``; when ``judge(path)`` finds a problem, keep the most sensitive quantized nodes in float,
+    one at a time, until it passes or ``limit`` nodes are float. ``judge`` returns (problem or None, score) with a lower
+    score better; ``rank(path)`` (default ``judge``'s score) measures one node's sensitivity. Returns the graph's record with
+    ``passed``, the float nodes, the nodes tried and the best problem seen."""
+    record = writer.write(dst, recipe)
+    problem, score = judge(dst)
+    record.update({"passed": problem is None, "problem": problem, "method": "calibrated"})
+    if problem is None or limit <= 0:
+        return record
+    trial = dst.with_name(dst.name + ".trial")
+    order = writer.sensitivity_order(trial, recipe, rank or (lambda p: judge(p)[1]))
+    floats, best = [], (problem, score, [])
+    for node in order[:limit]:
+        floats.append(node)
+        rec = writer.write(trial, recipe, floats)
+        problem, score = judge(trial)
+        if score < best[1]:
+            best = (problem, score, list(floats))
+        if problem is None:
+            trial.replace(dst)
+            rec.update({"passed": True, "problem": None, "method": "accuracy-aware", "nodes_tried": len(floats)})
+            return rec
+    trial.unlink(missing_ok=True)
+    record.update({"passed": False, "method": "accuracy-aware", "nodes_tried": len(floats), "tried": floats,
+                   "best_problem": best[0], "best_float_nodes": best[2]})
+    return record

@@ -36,11 +36,14 @@ PRECISIONS = ("fp32", "fp16", "int8")
 RUNTIME_PRECISIONS = PRECISIONS + ("bf16",)
 FORMATS = ("onnx", "tensorrt")
 # "default": the artifact every backend uses; "tensorrt": the INT8 graph made for TensorRT
-# (symmetric int8 activations, zero points 0, float bias), which ONNX Runtime's CPU kernels run slowly
-VARIANTS = ("default", "tensorrt")
+# (symmetric int8 activations, zero points 0, float bias), which ONNX Runtime's CPU kernels run slowly;
+# "portable": the INT8 graph whose integer sums are the same on every CPU (7-bit weights on the dense layers),
+# which ONNX Runtime runs on CPUs the default INT8 graph was not validated for (cpuclass.py)
+VARIANTS = ("default", "tensorrt", "portable")
 
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 INT8_TENSORRT_ONNX = "model.int8.trt.onnx"
+INT8_PORTABLE_ONNX = "model.int8.portable.onnx"
 ENGINE_FILES = {"fp32": "model.plan", "fp16": "model.fp16.plan", "int8": "model.int8.plan"}
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 REFERENCE_DIR = "reference"

@@ -10,6 +10,7 @@ import numpy as np
 
 from .backends import auto_order, available_backends, create_backend, precision_problem
 from .bundle import ENGINE_SUFFIXES, Bundle, bundle_from_onnx_metadata, read_bundle
+from .cpuclass import cpu_class
 from .errors import BackendUnavailable, EdgeconvError, first_line
 from .manifest import MANIFEST_NAME, PRECISIONS, RUNTIME_PRECISIONS, Manifest
 from .parity import PREPROCESS_MAX_ABS_DIFF, device_tolerance, parity_report, tolerance_problems
@@ -39,6 +40,34 @@ def _artifact_kind(backend: str) -> tuple:
     if backend == "tensorrt":
         return "tensorrt", "tensorrt"
     return "onnx", ("tensorrt" if backend == "onnxruntime-tensorrt" else None)
+
+
+CPU_BACKENDS = ("onnxruntime-cpu", "openvino-cpu")  # where INT8 sums depend on the CPU's instructions (cpuclass.py)
+CPU_INT8_VARIANTS = ("default", "portable")  # the default graph first: it is the faster where it is valid
+
+
+def cpu_int8_variant(bundle: Bundle) -> tuple:
+    """(variant, None) of the INT8 graph validated for this CPU's class, or (None, why) when there is none.
+    Graphs from before the manifest recorded classes count as validated (they were the only INT8 graph)."""
+    here = cpu_class()
+    for variant in CPU_INT8_VARIANTS:
+        a = bundle.manifest.find("onnx", "int8", variant)
+        if a is not None and a.variant == variant and here in a.details.get("validated_cpu_classes", [here]):
+            return variant, None
+    have = {a.file: a.details.get("validated_cpu_classes") for a in bundle.manifest.artifacts if a.precision == "int8" and a.variant in CPU_INT8_VARIANTS}
+    return None, (f"no INT8 graph of this bundle was validated on this CPU's class ({here}; "
+                  + ", ".join(f"{f}: {', '.join(c or ['?'])}" for f, c in have.items()) + ")")
+
+
+def _int8_mismatch(model: "Model") -> Optional[str]:
+    """Why a loaded INT8 model fails the bundle's reference outputs on this CPU (the `verify` tolerance), or None."""
+    ref = model.bundle.manifest.reference or {}
+    if "inputs" not in ref or "outputs" not in ref:
+        return None
+    x = np.load(model.bundle.path(ref["inputs"]), allow_pickle=False)
+    expected = np.load(model.bundle.path(ref["outputs"]), allow_pickle=False)
+    problems = tolerance_problems(parity_report(expected, model.run(x.astype(np.float32))), "int8", backend=model.backend_name)
+    return f"INT8 fails `verify` on this CPU ({'; '.join(problems)})" if problems else None
 
 
 def _missing_artifact(bundle: Bundle, backend: str, fmt: str, precision: str) -> Optional[str]:
@@ -192,6 +221,11 @@ class Model:
                     skipped.append(f"{name}: {unable}")
                     continue
                 fmt, variant = _artifact_kind(name)
+                if stored == "int8" and name in CPU_BACKENDS and bundle.has("onnx", "int8"):
+                    variant, why = cpu_int8_variant(bundle)
+                    if variant is None:
+                        return cls._fp32_instead(src, why, dict(backend=backend, threads=threads, check_hash=check_hash, spin=spin,
+                                                                         batch_profile=batch_profile, cache_dir=cache_dir, public_key=public_key))
                 missing = _missing_artifact(bundle, name, fmt, stored)
                 if missing:
                     if backend != "auto":
@@ -220,7 +254,15 @@ class Model:
                 if problem:
                     be.close()
                     raise EdgeconvError(problem)
-                return cls(bundle, be, precision, artifact, time.perf_counter() - t0, info={"skipped": skipped})
+                model = cls(bundle, be, precision, artifact, time.perf_counter() - t0, info={"skipped": skipped})
+                if stored == "int8" and name in CPU_BACKENDS:
+                    model.info["int8_variant"] = variant
+                    why = _int8_mismatch(model)
+                    if why:
+                        model.close()
+                        return cls._fp32_instead(src, why, dict(backend=backend, threads=threads, check_hash=check_hash, spin=spin,
+                                                                         batch_profile=batch_profile, cache_dir=cache_dir, public_key=public_key))
+                return model
             raise BackendUnavailable(f"no backend can run this bundle: {'; '.join(skipped)}")
         # a single file
         if path.suffix in ENGINE_SUFFIXES:
@@ -238,6 +280,17 @@ class Model:
             be.close()
             raise
         return cls(bundle, be, precision, path, time.perf_counter() - t0, info=info)
+
+    @classmethod
+    def _fp32_instead(cls, src, why: str, options: dict) -> "Model":
+        """FP32 where no INT8 graph can be trusted on this CPU, with a one-line warning (also in ``info["note"]``)."""
+        import logging
+
+        note = f"running FP32 instead of INT8: {why}"
+        logging.getLogger("edgeconv.runtime").warning(note)
+        model = cls.load(src, precision="fp32", **options)
+        model.info.update({"note": note, "int8_fallback": why})
+        return model
 
     # ------------------------------------------------------------------ properties
     @property

@@ -1,0 +1,227 @@
+"""INT8 that holds on every CPU: shape arithmetic kept in float, bias correction, the portable graph, per-graph judgement,
+accuracy-aware fallback, the CPU-class choice at load, the per-layer report."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from edgeconv_export import int8
+from edgeconv_export.precision import Int8Writer, fit_to_budget
+from edgeconv_runtime import Model
+from edgeconv_runtime.cpuclass import ENV_OVERRIDE, cpu_class
+from edgeconv_runtime.errors import EdgeconvError
+
+
+class SamePadNet(torch.nn.Module):
+    """TensorFlow-style "same" padding computed in the graph (timm's Conv2dSame on dynamic sizes): Shape -> ... -> Pad."""
+
+    def __init__(self):
+        super().__init__()
+        import timm.layers
+
+        self.c1 = timm.layers.Conv2dSame(3, 8, 3, stride=2)
+        self.c2 = timm.layers.Conv2dSame(8, 8, 5, stride=2, groups=8)
+        self.c3 = timm.layers.Conv2dSame(8, 16, 3, stride=2)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.relu6(self.c1(x))
+        x = torch.nn.functional.relu6(self.c2(x))
+        x = torch.nn.functional.relu6(self.c3(x))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def photos(catsdogs_tiny):
+    from edgeconv_runtime.preprocess import Preprocess, preprocess_images
+
+    files = sorted((catsdogs_tiny / "train").rglob("*.jpg"))[:48]
+    return preprocess_images(files, Preprocess(size=(58, 58), mean=(0.5,) * 3, std=(0.5,) * 3))
+
+
+@pytest.fixture(scope="module")
+def samepad_onnx(tmp_path_factory):
+    torch.manual_seed(0)
+    net = SamePadNet().eval()
+    path = tmp_path_factory.mktemp("samepad") / "net.onnx"
+    torch.onnx.export(net, torch.randn(1, 3, 58, 58), str(path), input_names=["input"], output_names=["logits"], opset_version=17,
+                      dynamic_axes={"input": {0: "batch", 2: "h", 3: "w"}, "logits": {0: "batch"}}, dynamo=False)
+    return path
+
+
+def _pad_shapes(path, x):
+    import onnxruntime as ort
+
+    m = onnx.load(str(path))
+    names = [n.output[0] for n in m.graph.node if n.op_type == "Pad"]
+    del m.graph.output[:]
+    for n in names:
+        m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return [o.shape for o in ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(names, {"input": x})]
+
+
+def test_shape_arithmetic_stays_float_so_pads_keep_their_size(samepad_onnx, photos, tmp_path):
+    """ONNX Runtime's uint8 Q/DQ on the padding arithmetic turned 3.0 into 2.9999998, which the Cast truncated: the Pads
+    shrank by a pixel (ImageNet Lite0 kept 80.7 % agreement). The shape nodes are found and never quantized."""
+    model = onnx.load(str(samepad_onnx))
+    skip = int8.shape_nodes(model)
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert skip and not {n for n in skip if ops[n] in ("Conv", "Gemm", "Pad")}
+    writer = Int8Writer(samepad_onnx, photos, "minmax", tmp_path)
+    dst = tmp_path / "q.onnx"
+    writer.write(dst, int8.RECIPES["cpu"])
+    assert _pad_shapes(dst, photos[:2]) == _pad_shapes(samepad_onnx, photos[:2])
+    q = onnx.load(str(dst))
+    quantized = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    shape_outputs = {o for n in model.graph.node if n.name in skip for o in n.output}
+    assert not quantized & shape_outputs
+
+
+def test_bias_correction_removes_the_mean_shift_of_rounded_weights(mnist_bundle, tmp_path):
+    """On a trained model and real digits, each Conv/Gemm output's per-channel mean sits closer to FP32's with the corrected
+    bias than with the one ONNX Runtime wrote (which is off by (W - W_q) . E[x]); measured node by node, pre-activation."""
+    import onnxruntime as ort
+
+    x = np.load(mnist_bundle / "reference" / "inputs.npy").astype(np.float32)
+    writer = Int8Writer(mnist_bundle / "model.onnx", x, "minmax", tmp_path)
+    dst, plain = tmp_path / "q.onnx", tmp_path / "plain.onnx"
+    dense = int8.dense_inputs(onnx.load(str(writer.prep)))
+    assert writer.write(dst, int8.RECIPES["cpu"])["bias_corrected_nodes"] == len(dense)
+    stats = writer.stats
+    writer.stats = int8.Statistics(stats.ranges, {}, stats.images, stats.method)  # no means: nothing to correct
+    assert writer.write(plain, int8.RECIPES["cpu"])["bias_corrected_nodes"] == 0
+    writer.stats = stats
+
+    def node_means(path):
+        m = onnx.load(str(path))
+        outs = {n.name: n.output[0] for n in m.graph.node if n.name in dense}
+        del m.graph.output[:]
+        for o in outs.values():
+            m.graph.output.append(onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None))
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        got = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(list(outs.values()), {"input": x})
+        return {k: (v.mean(axis=(0, 2, 3)) if v.ndim == 4 else v.mean(0)) for k, v in zip(outs, got)}
+
+    ref, corrected, uncorrected = node_means(writer.prep), node_means(dst), node_means(plain)
+    err_c = sum(np.abs(corrected[k] - ref[k]).mean() for k in dense)
+    err_p = sum(np.abs(uncorrected[k] - ref[k]).mean() for k in dense)
+    assert err_c < 0.7 * err_p, (err_c, err_p)
+
+
+def test_portable_graph_cannot_saturate_16_bit_pair_sums(samepad_onnx, photos, tmp_path):
+    """x86 without VNNI adds u8*s8 products in pairs, in int16 with saturation: the portable graph's dense weights are 7-bit,
+    so 255 * (|w0| + |w1|) <= 32640 < 32767; the CPU graph keeps 8-bit weights, which do pass the limit on real photos."""
+    writer = Int8Writer(samepad_onnx, photos, "minmax", tmp_path)
+    writer.write(tmp_path / "portable.onnx", int8.RECIPES["portable"])
+    m = onnx.load(str(tmp_path / "portable.onnx"))
+    inits = {t.name: t for t in m.graph.initializer}
+    producer = {o: n for n in m.graph.node for o in n.output}
+    fp = onnx.load(str(writer.prep))
+    dense = int8.dense_inputs(fp)
+    seen = 0
+    for n in m.graph.node:
+        if n.name in dense and not dense[n.name]["depthwise"]:
+            q = numpy_helper.to_array(inits[producer[n.input[1]].input[0]]).astype(int)
+            assert q.dtype.kind == "i" and np.abs(q).max() <= 64, n.name
+            seen += 1
+    assert seen == 3
+    peaks = int8.pair_sum_peaks(writer.prep, photos, writer.stats, images=8)
+    assert max(peaks.values()) > 1.0  # the 8-bit graph would saturate on these photos: the reason the portable one exists
+
+
+def test_cpu_class_reads_cpuid_and_can_be_forced(monkeypatch):
+    assert cpu_class() in ("x86-vnni", "x86-novnni", "arm64") or cpu_class()
+    monkeypatch.setenv(ENV_OVERRIDE, "x86-novnni")
+    assert cpu_class() == "x86-novnni"
+
+
+def test_each_graph_is_validated_for_cpu_classes_and_loaded_by_class(mnist_bundle, monkeypatch):
+    m = json.loads((mnist_bundle / "manifest.json").read_text())
+    int8s = {a["variant"]: a for a in m["artifacts"] if a["precision"] == "int8"}
+    assert set(int8s) >= {"default", "portable"}
+    assert set(int8s["portable"]["details"]["validated_cpu_classes"]) == {"x86-vnni", "x86-novnni", "arm64"}
+    here = int8s["default"]["details"]["int8"]["measured_on"]
+    assert here in int8s["default"]["details"]["validated_cpu_classes"]
+    assert "x86-novnni" not in int8s["default"]["details"]["validated_cpu_classes"] or here == "x86-novnni"
+    assert m["calibration"]["bias_correction"] and {g["variant"] for g in m["calibration"]["graphs"]} >= {"default", "portable"}
+    for cls, want in (("x86-vnni", "model.int8.onnx"), ("arm64", "model.int8.onnx"), ("x86-novnni", "model.int8.portable.onnx")):
+        if cls != "x86-novnni" and here == "x86-novnni":
+            continue
+        monkeypatch.setenv(ENV_OVERRIDE, cls)
+        with Model.load(mnist_bundle, backend="onnxruntime-cpu", precision="int8") as model:
+            assert model.artifact.name == want and model.precision == "int8", cls
+            assert model.verify()["ok"]
+
+
+def test_int8_without_a_graph_for_this_cpu_runs_fp32_with_a_warning(mnist_bundle, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(ENV_OVERRIDE, "riscv64")
+    with Model.load(mnist_bundle, precision="int8") as model:
+        assert model.precision == "fp32" and model.artifact.name == "model.onnx"
+        assert "no INT8 graph of this bundle was validated on this CPU's class (riscv64" in model.info["note"]
+    assert any("running FP32 instead of INT8" in r.getMessage() for r in caplog.records)
+
+
+def test_int8_that_fails_verify_here_runs_fp32_instead(mnist_bundle, monkeypatch):
+    from edgeconv_runtime import parity
+
+    monkeypatch.setitem(parity.TOLERANCES, "int8", {**parity.TOLERANCES["int8"], "cosine_min": 1.01})  # nothing can pass
+    with Model.load(mnist_bundle, backend="onnxruntime-cpu", precision="int8") as model:
+        assert model.precision == "fp32" and "INT8 fails `verify` on this CPU" in model.info["int8_fallback"]
+
+
+def test_accuracy_aware_fallback_keeps_sensitive_nodes_float_until_the_judge_passes(samepad_onnx, photos, tmp_path):
+    """A judge that passes only once two nodes are float: the loop ranks nodes by sensitivity and stops at two."""
+    import onnxruntime as ort
+
+    writer = Int8Writer(samepad_onnx, photos, "minmax", tmp_path)
+    ref = ort.InferenceSession(str(samepad_onnx), providers=["CPUExecutionProvider"]).run(None, {"input": photos})[0]
+    floats_seen = []
+
+    def err(path):
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": photos})[0]
+        return float(np.abs(got - ref).mean())
+
+    def judge(path):
+        m = onnx.load(str(path))
+        dq_fed = {n.name for n in m.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1].endswith("DequantizeLinear_Output")}
+        floats = 4 - len(dq_fed)
+        floats_seen.append(floats)
+        return (None if floats >= 2 else f"{floats} float"), err(path)
+
+    record = fit_to_budget(writer, tmp_path / "g.onnx", int8.RECIPES["cpu"], judge, limit=3, rank=err)
+    assert record["passed"] and len(record["float_nodes"]) == 2 and record["method"] == "accuracy-aware"
+    assert record["float_nodes"] == writer.sensitivity_order(tmp_path / "t.onnx", int8.RECIPES["cpu"], err)[:2]
+    refused = fit_to_budget(writer, tmp_path / "h.onnx", int8.RECIPES["cpu"], lambda p: ("never", err(p)), limit=2, rank=err)
+    assert not refused["passed"] and refused["nodes_tried"] == 2 and refused["best_problem"] == "never"
+
+
+def test_unreachable_budget_is_one_line_naming_the_graph_nodes_and_best(mnist_run, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "edgeconv", "export", str(mnist_run), "--out", str(tmp_path / "b"), "--precision", "fp32,int8",
+                        "--max-accuracy-drop", "-5", "--max-float-nodes", "2", "--calib-size", "64"], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: INT8 graph model.int8.onnx (cpu):") and "kept 2 nodes in float" in line and "the best was still" in line, line
+    assert not (tmp_path / "b").exists()
+
+
+def test_quant_report_lists_tensors_worst_first(mnist_bundle, tmp_path):
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, "-m", "edgeconv", "quant-report", str(mnist_bundle), "--json", str(out), "--top", "3"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    cos = [row["cosine"] for row in report["rows"]]
+    assert len(cos) >= 5 and cos == sorted(cos) and 0.9 < cos[-1] <= 1.0 and report["graph"] == "model.int8.onnx"
+    assert len(r.stdout.strip().splitlines()) == 2 + 3
+    bad = subprocess.run([sys.executable, "-m", "edgeconv", "quant-report", str(mnist_bundle), "--variant", "tensorrt", "--data", str(tmp_path / "none")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
