@@ -340,3 +340,51 @@ def test_export_refuses_a_checkpoint_without_weights_sha256(mnist_run, tmp_path)
     r = run([*EDGECONV, "export", str(run_dir), "--out", str(out), "--trust-unsigned"], timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "UNCHECKED WEIGHTS" in r.stderr and "--trust-unsigned" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------- the verify cache
+def _old(path: Path, seconds: float = 3.0) -> None:
+    """Wait until ``path`` was last changed more than ``seconds`` ago (the cache keeps only such stamps)."""
+    while time.time() - path.stat().st_ctime < seconds:
+        time.sleep(0.2)
+
+
+def test_a_restart_skips_hashing_only_for_files_unchanged_since(bundle, tmp_path, monkeypatch):
+    """The cross-process cache of verified stamps: a restart does not hash 30 MB again, and a file changed since is
+    hashed again (its ctime moved), even with its size and mtime put back."""
+    from edgeconv_runtime import bundle as bundle_mod
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(bundle_mod.VERIFY_CACHE_ENV, str(cache))
+    _old(bundle / "model.int8.onnx")
+    hashed = []
+    real = bundle_mod.sha256_file
+    monkeypatch.setattr(bundle_mod, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    bundle_mod._verified.clear()
+    Model.load(bundle).close()
+    assert "model.int8.onnx" in hashed and stat.S_IMODE(cache.stat().st_mode) == 0o700
+    hashed.clear()
+    bundle_mod._verified.clear()  # a new process
+    Model.load(bundle).close()
+    assert hashed == []
+    st = (bundle / "model.int8.onnx").stat()
+    flip_byte(bundle / "model.int8.onnx")
+    os.utime(bundle / "model.int8.onnx", ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: only ctime differs
+    bundle_mod._verified.clear()
+    load_refused(bundle, "model.int8.onnx in", "does not match its sha256")
+
+
+def test_the_verify_cache_is_off_when_others_could_write_it(bundle, tmp_path, monkeypatch):
+    from edgeconv_runtime import bundle as bundle_mod
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)
+    monkeypatch.setenv(bundle_mod.VERIFY_CACHE_ENV, str(shared))
+    assert bundle_mod.verify_cache_dir() is None  # anyone could vouch for a file there
+    monkeypatch.setenv(bundle_mod.VERIFY_CACHE_ENV, "off")
+    assert bundle_mod.verify_cache_dir() is None
+    _old(bundle / "model.onnx")
+    bundle_mod._verified.clear()
+    Model.load(bundle).close()
+    assert not list(shared.iterdir())

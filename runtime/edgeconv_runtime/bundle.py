@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -22,6 +23,38 @@ STAGING_PREFIX = ".engines."
 # (path, size, mtime, ctime, inode, device, expected sha256) of every file already hashed in this process: a file changed
 # since (ctime moves on every write, and no user can set it back) is hashed again
 _verified: set = set()
+# The same stamps kept across processes, so a restart (serve, predict) does not hash 30 MB again: one empty file per
+# stamp in a folder only this user can write ($EDGECONV_VERIFY_CACHE, default ~/.cache/edgeconv/verified; "off": none).
+# A stamp is recorded only for a file last changed RACY_SECONDS before it was hashed, so a change made after (or during)
+# the hash, even within one tick of a coarse file-system clock, gives the file a later ctime and another stamp.
+VERIFY_CACHE_ENV = "EDGECONV_VERIFY_CACHE"
+RACY_SECONDS = 2.0
+_cache_dirs: dict = {}
+
+
+def verify_cache_dir() -> Optional[Path]:
+    """The cross-process folder of verified stamps, or None (turned off, or not private to this user)."""
+    value = os.environ.get(VERIFY_CACHE_ENV, "")
+    if value.lower() == "off":
+        return None
+    if value not in _cache_dirs:
+        base = Path(value) if value else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgeconv" / "verified"
+        d = None
+        try:
+            base.mkdir(parents=True, exist_ok=True, mode=0o700)
+            st = os.lstat(base)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022:
+                d = base  # a folder another user (or a symlink) could fill would vouch for nothing
+        except (OSError, RuntimeError):  # no home, a read-only file system: hash every time
+            d = None
+        _cache_dirs[value] = d
+    return _cache_dirs[value]
+
+
+def _stamp_key(stamp: tuple) -> str:
+    import hashlib
+
+    return hashlib.sha256(repr(stamp).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _atomic_temp(name: str) -> bool:
@@ -67,6 +100,12 @@ class Bundle:
         stamp = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, expected)
         if stamp in _verified:
             return
+        cache = verify_cache_dir()
+        key = _stamp_key(stamp)
+        if cache is not None and os.path.isfile(cache / key):
+            _verified.add(stamp)
+            return
+        started = time.time()
         try:
             digest = sha256_file(path)
         except OSError as exc:
@@ -76,6 +115,11 @@ class Bundle:
         if len(_verified) > 100_000:
             _verified.clear()
         _verified.add(stamp)
+        if cache is not None and st.st_ctime < started - RACY_SECONDS:
+            try:
+                os.close(os.open(cache / key, os.O_WRONLY | os.O_CREAT, 0o600))
+            except OSError:
+                pass
 
     def listed(self) -> dict:
         """{relative path: sha256} of every file the manifest covers: the artifacts and the ``files`` map."""
