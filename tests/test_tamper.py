@@ -388,3 +388,18 @@ def test_the_verify_cache_is_off_when_others_could_write_it(bundle, tmp_path, mo
     bundle_mod._verified.clear()
     Model.load(bundle).close()
     assert not list(shared.iterdir())
+
+
+def test_import_signs_with_sign_key(rgb_bundle, catsdogs_tiny, tmp_path, keys):
+    """`edgeconv import --sign-key`: an imported bundle is signed like an exported one."""
+    out = tmp_path / "imported"
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cats\ndogs\n")
+    base = [*EDGECONV, "import", str(rgb_bundle / "model.onnx"), "--labels", str(labels), "--mean", "0,0,0", "--std", "1,1,1",
+            "--val-data", str(catsdogs_tiny / "test"), "--val-size", "8", "--precision", "fp32"]
+    refused(run([*base, "--out", str(tmp_path / "x"), "--sign-key", str(tmp_path / "missing.pem")]), "signing key", "not found")
+    assert not (tmp_path / "x").exists()
+    r = run([*base, "--out", str(out), "--sign-key", str(keys / "owner.pem")], timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    Model.load(out, public_key=keys / "owner.pub.pem").close()
+    load_refused(out, "not by the trusted key", public_key=keys / "other.pub.pem")
