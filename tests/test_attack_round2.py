@@ -145,3 +145,42 @@ def test_big_pixels_in_a_small_file_decode_in_the_large_lane(mnist_bundle):
     assert lanes[0].startswith("edgeconv-decode-large"), lanes
     assert lanes[1].startswith("edgeconv-decode_"), lanes
     assert lanes[2].startswith("edgeconv-decode-large"), lanes
+
+
+def test_a_full_big_image_lane_answers_503_at_once(mnist_bundle):
+    """The big-image lane holds LARGE_LANE_DEPTH requests (one decoding, the others waiting for its thread); one more is
+    503 with Retry-After at once, instead of waiting past --timeout-s for a 504. Ordinary images still pass meanwhile."""
+    from edgeconv_runtime import Model
+    from edgeconv_runtime.admission import LARGE_LANE_DEPTH, Admission, Batcher, HTTPError
+    from edgeconv_runtime.serve import ServeConfig
+
+    model = Model.load(mnist_bundle)
+    big, digit = _png((3000, 3000), "L", 0), _png((28, 28), "L", 128)
+    release = threading.Event()
+
+    def prepare(blobs):
+        if threading.current_thread().name.startswith("edgeconv-decode-large"):
+            assert release.wait(60)  # the lane's thread is held until the test has seen the lane full
+        return model.preprocess_images(blobs)
+
+    async def run():
+        batcher = Batcher(model, 8, 0.001, 64)
+        gate = Admission(ServeConfig(bundle=str(mnist_bundle)), batcher)
+        batcher.start()
+        try:
+            held = [asyncio.ensure_future(gate.infer(1, prepare, [big])) for _ in range(LARGE_LANE_DEPTH)]
+            while gate.large_depth < LARGE_LANE_DEPTH:
+                await asyncio.sleep(0.01)
+            with pytest.raises(HTTPError) as exc:
+                await gate.infer(1, prepare, [big])
+            assert exc.value.status == 503 and exc.value.headers.get("Retry-After") == "1", exc.value.message
+            assert (await gate.infer(1, prepare, [digit])).shape == (1, len(model.classes))  # the ordinary lane is free
+            release.set()
+            assert all(r.shape == (1, len(model.classes)) for r in await asyncio.gather(*held))
+            assert gate.large_depth == 0
+        finally:
+            release.set()
+            await batcher.stop()
+            gate.shutdown()
+
+    asyncio.run(run())

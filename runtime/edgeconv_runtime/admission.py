@@ -24,6 +24,7 @@ log = logging.getLogger("edgeconv.serve")
 # headers declare more pixels than LARGE_PIXELS (about Full HD): a 36-megapixel PNG of flat colour is a 100 KB file.
 LARGE_PAYLOAD = 1024 * 1024
 LARGE_PIXELS = 2_000_000
+LARGE_LANE_DEPTH = 4  # requests in the big-image lane (decoding or waiting for it); beyond it 503, not a 504 after --timeout-s
 INLINE_BYTES = 64 * 1024  # request bodies up to this are parsed on the event loop; larger ones in a decode thread
 CLOSE = {"Connection": "close"}  # the body was not (fully) read: do not keep the connection for another request
 RETRY = {"Retry-After": "1"}
@@ -182,6 +183,7 @@ class Admission:
         # requests with big images (LARGE_PAYLOAD bytes or LARGE_PIXELS pixels) decode in their own thread, so that a
         # burst of big photos queues behind itself and not in front of ordinary requests
         self.large_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeconv-decode-large")
+        self.large_depth = 0  # requests in the big-image lane
 
     def shutdown(self) -> None:
         self.decode_pool.shutdown(wait=False)
@@ -277,7 +279,15 @@ class Admission:
         try:
             x = await loop.run_in_executor(self.decode_pool, self._prepare_light, prepare, payload)
             if x is None:  # big images queue behind each other in their own thread, not in front of ordinary requests
-                x = await loop.run_in_executor(self.large_pool, prepare, payload)
+                if self.large_depth >= LARGE_LANE_DEPTH:
+                    raise HTTPError(503, "server busy: too many big images are waiting to be decoded; retry shortly", RETRY)
+                self.large_depth += 1
+                try:
+                    x = await loop.run_in_executor(self.large_pool, prepare, payload)
+                finally:
+                    self.large_depth -= 1
+        except HTTPError:
+            raise
         except EdgeconvError as exc:
             raise HTTPError(413 if isinstance(exc, ImageTooLarge) else 400, str(exc))
         except Exception as exc:  # a decoder failure nothing mapped (Pillow raises many types): still the input's fault
