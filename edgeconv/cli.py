@@ -137,6 +137,7 @@ def train_options() -> list:
           help="Then quantization-aware training: fine-tune the best weights with fake quantization (OUT/qat.onnx, the bundle's INT8 graph)."),
         o("qat_epochs", help="--qat: epochs of quantization-aware training."),
         o("qat_lr", type=float, help="--qat: learning rate (default --lr / 100)."),
+        o("qat_images", type=int, help="--qat: training images per epoch, a seeded sample (default all)."),
         click.Option(["--from", "from_run"], type=click.Path(file_okay=False), help="--qat on a run already trained: its directory."),
         click.Option(["--export", "export_targets"], help="Export after training, e.g. onnx,int8 (bundle in OUT/bundle)."),
     ]
@@ -200,7 +201,7 @@ def _qat_only(from_run: str, resume_dir: Optional[str], export_targets: Optional
         from .exporting import parse_targets
 
         formats, precisions = parse_targets(export_targets)
-    settings = QatSettings(kw["qat_epochs"], kw["qat_lr"], kw["threads"])
+    settings = QatSettings(kw["qat_epochs"], kw["qat_lr"], kw["threads"], images=kw["qat_images"])
     _report_qat(qat_from_run(from_run, settings), Path(from_run))
     if export_targets:
         from .exporting import ExportRequest, export_run, format_manifest
@@ -210,8 +211,8 @@ def _qat_only(from_run: str, resume_dir: Optional[str], export_targets: Optional
 
 
 def _report_qat(q: dict, out) -> None:
-    click.echo(f"qat: val_accuracy float {q['val_accuracy_float']:.4f}  fake-quant {q['val_accuracy_fake_quant']:.4f} "
-               f"(before training {q['val_accuracy_fake_quant_before']:.4f})  ONNX INT8 {q['val_accuracy_onnx']:.4f}  "
+    click.echo(f"qat: val_accuracy float {q['val_accuracy_float']:.4f}  INT8 {q['val_accuracy_int8']:.4f} "
+               f"(before QAT {q['val_accuracy_int8_before']:.4f}; agrees with fake quantization on {q['fake_quant_top1_agreement']:.4f})  "
                f"best epoch {q['best_epoch']}/{q['epochs_run']}  {q['seconds']:.1f} s  -> {out}/{q['file']}")
 
 

@@ -53,6 +53,7 @@ class TrainConfig:
     qat: bool = False  # then fine-tune the best weights with fake quantization: RUN/qat.onnx, the bundle's INT8 graph
     qat_epochs: int = 2  # --qat: epochs of quantization-aware training
     qat_lr: Optional[float] = None  # --qat: learning rate (default lr / 100)
+    qat_images: Optional[int] = None  # --qat: training images per epoch (a seeded sample; default all)
 
     @property
     def transfer(self) -> bool:
@@ -98,3 +99,5 @@ class TrainConfig:
             raise EdgeconvError(f"--qat-epochs must be at least 1, got {self.qat_epochs}")
         if self.qat_lr is not None and not self.qat_lr > 0:
             raise EdgeconvError(f"--qat-lr must be positive, got {self.qat_lr}")
+        if self.qat_images is not None and self.qat_images < 1:
+            raise EdgeconvError(f"--qat-images must be at least 1, got {self.qat_images}")

@@ -95,7 +95,7 @@ def _train(config: TrainConfig, dataset: Optional[Dataset], resume: bool, ctx: d
         if cfg.qat and not result.interrupted:  # quantization-aware fine-tuning of the best weights: RUN/qat.onnx
             from .qat import QatSettings, qat_from_run
 
-            metrics["qat"] = qat_from_run(job.out, QatSettings(cfg.qat_epochs, cfg.qat_lr, cfg.threads, cfg.progress), dataset)
+            metrics["qat"] = qat_from_run(job.out, QatSettings(cfg.qat_epochs, cfg.qat_lr, cfg.threads, cfg.progress, cfg.qat_images), dataset)
     return RunResult(job.out, metrics, result.history)
 
 
