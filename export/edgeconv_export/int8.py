@@ -96,7 +96,8 @@ class Statistics:
         return TensorsData(CalibrationMethod.MinMax, {k: (np.float32(lo), np.float32(hi)) for k, (lo, hi) in self.ranges.items()})
 
 
-def _exposed_session(model, names: Sequence[str]):
+def exposed_session(model, names: Sequence[str]):
+    """An ONNX Runtime session of ``model`` that outputs the float tensors ``names`` (optimisations off: names kept)."""
     import onnx
     import onnxruntime as ort
 
@@ -139,7 +140,7 @@ def collect_statistics(model_path: Path, calib, method: str = "minmax", input_na
     model = onnx.load(str(model_path))
     names = float_tensors(model)
     mean_of = {d["input"] for d in dense_inputs(model).values()}
-    sess = _exposed_session(model, names)
+    sess = exposed_session(model, names)
     lo = {n: np.inf for n in names}
     hi = {n: -np.inf for n in names}
     sums: Dict[str, np.ndarray] = {}
@@ -365,7 +366,7 @@ def pair_sum_peaks(model_path: Path, calib, stats: Statistics, images: int = 16,
             q = np.concatenate([q, np.zeros((q.shape[0], 1), np.int32)], 1)
         weights[k] = q.reshape(q.shape[0], -1, 2)
     names = list(dict.fromkeys(d["input"] for d in dense.values()))
-    sess = _exposed_session(model, names)
+    sess = exposed_session(model, names)
     peaks = {k: 0.0 for k in dense}
     for i in range(min(images, len(calib))):
         acts = dict(zip(names, sess.run(names, {input_name: np.ascontiguousarray(calib[i : i + 1])})))

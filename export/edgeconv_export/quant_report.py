@@ -49,19 +49,9 @@ def _pairs(int8_model, fp32_model) -> List[tuple]:
 
 
 def _run(model, names: List[str], x: np.ndarray, input_name: str) -> List[np.ndarray]:
-    import onnx
-    import onnxruntime as ort
+    from .int8 import exposed_session
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    del m.graph.output[:]
-    for name in names:
-        m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.enable_cpu_mem_arena = False
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(names, {input_name: x})
+    return exposed_session(model, names).run(names, {input_name: x})
 
 
 def quant_report(bundle_dir, data: Optional[str] = None, variant: str = "default", images: int = 16) -> dict:
