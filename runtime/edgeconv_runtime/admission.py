@@ -44,6 +44,8 @@ class Batcher:
         self.max_queue = max_queue
         self.pending = 0  # images admitted: decoding, queued or in inference
         self.waiters: collections.deque = collections.deque()  # (images, future) waiting for places, oldest first
+        self.freed = 0  # releases so far: the line moves while this grows
+        self.batch_s = 0.0  # how long the last inference took: places are freed a batch at a time
         self.queue: asyncio.Queue = asyncio.Queue()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeconv-infer")
         self.on_batch = on_batch
@@ -57,12 +59,14 @@ class Batcher:
             self.task.cancel()
         self.executor.shutdown(wait=True)
 
-    async def admit(self, n: int, wait_s: float) -> None:
+    async def admit(self, n: int, wait_s: float, max_wait_s: Optional[float] = None) -> None:
         """Admission control: take ``n`` queue places before any decoding, or raise QueueFull. Rejecting before the
         decode keeps an overloaded server's CPU for the requests it accepted and its memory bounded by the queue, not by
-        the number of connections. A request that finds the queue full waits up to ``wait_s`` for places, first come first
-        served, before QueueFull. The wait costs no CPU, so clients that retry at once on 503 are slowed to the pace
-        the server can serve instead of spinning the event loop with rejections (goodput stays near capacity)."""
+        the number of connections. A request that finds the queue full waits in line for places, first come first served:
+        it gets QueueFull once ``wait_s`` (or two inferences, when they take longer) pass without a place freed (the
+        queue is stuck) or after ``max_wait_s`` in all (default ``wait_s``). The wait costs no CPU, so clients that retry at once on 503 are slowed to the pace the
+        server can serve instead of spinning it with rejections; and while the queue moves they keep their turn however
+        slow the server is (a busy machine), instead of a 503 after a fixed wait that only a fast server can meet."""
         if n > self.max_queue:
             raise QueueFull()
         if not self.waiters and self.pending + n <= self.max_queue:
@@ -70,15 +74,22 @@ class Batcher:
             return
         if wait_s <= 0:
             raise QueueFull()
-        entry = (n, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        entry = (n, loop.create_future())
         self.waiters.append(entry)
+        give_up = loop.time() + max(wait_s, max_wait_s or 0.0)
         try:
-            await asyncio.wait_for(asyncio.shield(entry[1]), wait_s)
-        except asyncio.TimeoutError:
-            if entry[1].done():  # granted at the last moment: keep it
-                return
-            self.waiters.remove(entry)
-            raise QueueFull()
+            while True:
+                freed = self.freed
+                try:
+                    await asyncio.wait_for(asyncio.shield(entry[1]), min(max(wait_s, 2 * self.batch_s), give_up - loop.time()))
+                    return
+                except asyncio.TimeoutError:
+                    if entry[1].done():  # granted at the last moment: keep it
+                        return
+                    if self.freed == freed or loop.time() >= give_up:
+                        self.waiters.remove(entry)
+                        raise QueueFull()
         except asyncio.CancelledError:
             if entry[1].done():
                 self.release(n)
@@ -88,6 +99,7 @@ class Batcher:
 
     def release(self, n: int) -> None:
         self.pending -= n
+        self.freed += 1
         while self.waiters and self.pending + self.waiters[0][0] <= self.max_queue:
             k, fut = self.waiters.popleft()
             if not fut.done():
@@ -128,8 +140,10 @@ class Batcher:
         if not live:
             return
         batch = np.concatenate([x for x, _ in live]) if len(live) > 1 else live[0][0]
+        t0 = loop.time()
         try:
             logits = await loop.run_in_executor(self.executor, self.model.run, batch)
+            self.batch_s = loop.time() - t0
         except Exception as exc:  # give every caller the failure instead of hanging them
             for _, f in live:
                 if not f.done():
@@ -254,7 +268,7 @@ class Admission:
             raise HTTPError(413, f"{n} images in one request, more than this server ever admits at once (--max-queue {limit}); "
                                  f"send at most {limit} per request")
         try:
-            await self.batcher.admit(n, self.cfg.admit_wait_s)
+            await self.batcher.admit(n, self.cfg.admit_wait_s, self.cfg.timeout_s)
         except QueueFull:
             raise HTTPError(503, "server busy: the inference queue is full; retry shortly", RETRY)
         self.on_queue(self.batcher.pending)

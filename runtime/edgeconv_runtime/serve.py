@@ -49,7 +49,7 @@ class ServeConfig:
     max_header_bytes: int = 64 * 1024  # request line + headers; beyond it 431 and the connection is closed
     max_json_bytes: int = 8 * 1024 * 1024  # JSON bodies (also capped by max_body_bytes)
     max_inflight_body_bytes: int = 64 * 1024 * 1024  # bodies being received or held by all requests together (503)
-    admit_wait_s: float = 0.1  # a request that finds the queue full waits this long for a place (FIFO) before its 503
+    admit_wait_s: float = 0.1  # a request that finds the queue full waits in line (FIFO) while a place is freed this often, up to timeout_s
 
 
 def _guarded_protocol(cfg: ServeConfig):
