@@ -2,12 +2,18 @@
 
 Classes: forged image headers (huge-canvas PNG/GIF/WebP/JPEG/BMP, made here), a real PNG decompression bomb,
 deep-nested JSON (v1 and v2), oversized bodies with and without Content-Length, huge headers, slowloris (slow
-headers and slow bodies), garbage bytes, wrong content types, many concurrent big-but-legal images, and the CLI on
-the forged images. For each: cases tried, statuses seen, 5xx count, tracebacks in the server's stderr; the server's
-peak RSS (VmHWM) and the latency of normal requests sent all along. Then goodput under overload: capacity with 64
+headers and slow bodies), garbage bytes, wrong content types, many concurrent big-but-legal images, 36-megapixel
+PNGs of a few KB (big pixels in small files), v2 header and size tricks (Unicode digits in
+Inference-Header-Content-Length, binary BYTES data that does not match its shape, JSON over --max-json-mb), and the
+CLI on the forged images. A second server runs the bundle's model re-imported with shorter_center_crop (`edgeconv
+import`, --max-queue 16) for the extreme aspect ratios (1 x 100,000 to 1 x 10,000,000 pixels: resizing the short
+side first would need gigabytes) and for batches larger than its queue (413). For each class: cases tried, statuses
+seen, 5xx count, tracebacks in the servers' stderr; the servers' peak RSS (VmHWM) and the latency of normal clients
+(a digit to /v1/predict, and /healthz, every 100 ms each) all along. Then goodput under overload: capacity with 64
 well-behaved clients, then 200 clients that retry at once on 503 against the same server (--max-queue 64); >= 0.8.
+``--busy N`` runs N busy-loop processes beside it all (the machine's other core busy).
 
-    python benchmarks/attack.py BUNDLE [--quick]
+    python benchmarks/attack.py BUNDLE [--quick] [--busy 1]
 
 Writes benchmarks/results/attack.{json,md}. Only 127.0.0.1 is ever contacted.
 """
@@ -95,6 +101,23 @@ def digit_png() -> bytes:
     buf = io.BytesIO()
     Image.fromarray((np.arange(28 * 28) % 256).astype(np.uint8).reshape(28, 28)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def flat_png(w: int, h: int, mode: str = "RGB") -> bytes:
+    """A real PNG of one flat colour: w x h pixels in a few hundred bytes to a few hundred KB."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, (w, h), 128 if mode == "L" else (200, 30, 10)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def v2_binary(path: str, blobs: list, shape=None) -> bytes:
+    """A v2 infer request carrying ``blobs`` as binary BYTES (what tritonclient sends)."""
+    raw = b"".join(struct.pack("<I", len(b)) + b for b in blobs)
+    head = json.dumps({"inputs": [{"name": "image", "shape": shape or [len(blobs)], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    return http_request(path, head + raw, "application/octet-stream", b"Inference-Header-Content-Length: %d\r\n" % len(head))
 
 
 def http_request(path: str, body: bytes = b"", ctype: str = "", extra: bytes = b"", method: str = "POST") -> bytes:
@@ -198,12 +221,44 @@ def build_classes(port: int, model_name: str, quick: bool) -> list:
     legal = [real_image("JPEG", 4000, 3000, seed=i, quality=90) for i in range(4)]
     many = [lambda b=legal[i % 4]: exchange(port, http_request(v1, b, "image/jpeg"), 60) for i in range(16 if quick else 48)]
     classes.append(("concurrent big legal images", many, {"200", "503", "504"}))
+    small_big = [png_bomb(6000, 6000), flat_png(6000, 6000), flat_png(8000, 4500, "L")]  # 36 MP in 40-110 KB
+    sb = [lambda b=small_big[i % 3]: exchange(port, http_request(v1, b, "image/png"), 60) for i in range(12 if quick else 24)]
+    sb += [lambda: exchange(port, v2_binary(v2, small_big[:2]), 60) for _ in range(2 if quick else 4)]
+    classes.append(("36 MP PNGs in small files", sb, {"200", "503"}))
+    head = json.dumps({"inputs": []}).encode()
+    hv = [lambda v=v: exchange(port, http_request(v2, head, "application/octet-stream", b"Inference-Header-Content-Length: " + v + b"\r\n"))
+          for v in (b"\xb2", b"1\xb9", b"\xd9\xa3", b"9" * 5000, b"9" * 20, b"-1", b"0x10")]
+    zeros = b"\x00" * 9_600_000  # 2.4 million empty BYTES elements under a shape of [1]
+    mismatch = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": len(zeros)}}]}).encode()
+    hv += [lambda: exchange(port, http_request(v2, mismatch + zeros, "application/octet-stream",
+                                               b"Inference-Header-Content-Length: %d\r\n" % len(mismatch)), 60) for _ in range(2 if quick else 6)]
+    big_json = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(png).decode()]}],
+                           "parameters": {"pad": "x" * (9 * 2**20)}}).encode()  # 9 MiB: over --max-json-mb 8, under --max-body-mb 10
+    hv += [lambda: exchange(port, http_request(v2, big_json, "application/json"), 60),
+           lambda: exchange(port, http_request(v2, big_json, "application/octet-stream", b"Inference-Header-Content-Length: %d\r\n" % len(big_json)), 60)]
+    classes.append(("v2 header and size tricks", hv, {"400", "413", "closed"}))
     return classes
 
 
-async def prober(port: int, png: bytes, stop: asyncio.Event, out: list) -> None:
-    """A normal client: one real digit every 100 ms on its own keep-alive connection, all along the attack."""
-    req = http_request("/v1/predict", png, "image/png")
+def build_crop_classes(port: int, model_name: str, max_queue: int) -> list:
+    """The classes for the shorter_center_crop server: extreme aspect ratios, batches larger than its queue."""
+    v1, v2 = "/v1/predict", f"/v2/models/{model_name}/infer"
+    strips = [flat_png(w, h, mode) for w, h in ((1, 100_000), (100_000, 1), (1, 10_000_000), (10_000_000, 1)) for mode in ("L", "RGB")]
+    cases = [lambda b=b: exchange(port, http_request(v1, b, "image/png"), 60) for b in strips]
+    cases += [lambda b=real_image("JPEG", w, h): exchange(port, http_request(v1, b, "image/jpeg"), 60) for w, h in ((1, 65500), (65500, 1))]
+    cases += [lambda: exchange(port, v2_binary(v2, strips[:2]), 60), lambda: exchange(port, v2_binary(v2, strips[4:6]), 60)]
+    classes = [("aspect-ratio bombs (crop server)", cases, {"200", "503"})]  # 503: the big-image lane is full
+    png = digit_png()
+    batch = [lambda n=n: exchange(port, http_request(v1, json.dumps({"images": [base64.b64encode(png).decode()] * n}).encode(),
+                                                     "application/json")) for n in (max_queue + 1, 40, 64)]
+    batch += [lambda n=n: exchange(port, v2_binary(v2, [png] * n)) for n in (max_queue + 1, 64)]
+    classes.append(("batch over --max-queue (crop server)", batch, {"413"}))
+    return classes
+
+
+async def prober(port: int, req: bytes, stop: asyncio.Event, out: list) -> None:
+    """A normal client: one request (a real digit, or /healthz) every 100 ms on its own keep-alive connection, all along
+    the attack."""
     conn = None
     while not stop.is_set():
         t = time.perf_counter()
@@ -218,32 +273,36 @@ async def prober(port: int, png: bytes, stop: asyncio.Event, out: list) -> None:
         conn[1].close()
 
 
-async def attack(port: int, model_name: str, quick: bool) -> tuple:
-    classes = build_classes(port, model_name, quick)
-    png = digit_png()
-    rows, normal_all = [], []
-    for name, cases, allowed in classes:
-        stop, normal = asyncio.Event(), []
-        probe = asyncio.create_task(prober(port, png, stop, normal))
+async def attack(classes: list) -> tuple:
+    """Each class (name, cases, allowed statuses, port) in turn, with normal clients on the same server all along."""
+    predict, healthz = http_request("/v1/predict", digit_png(), "image/png"), http_request("/healthz", method="GET")
+    rows, normal_all, health_all = [], [], []
+    for name, cases, allowed, port in classes:
+        stop, normal, health = asyncio.Event(), [], []
+        probes = [asyncio.create_task(prober(port, predict, stop, normal)), asyncio.create_task(prober(port, healthz, stop, health))]
         t0 = time.perf_counter()
         concurrency = 64 if name in ("slowloris", "concurrent big legal images") else 8
         statuses = await asyncio.wait_for(bounded([c() for c in cases], concurrency), 180)
         wall = time.perf_counter() - t0
         stop.set()
-        await probe
+        await asyncio.gather(*probes)
         seen = {}
         for s in statuses:
             seen[s] = seen.get(s, 0) + 1
         ok_lat = [t for s, t in normal if s == 200]
         rows.append({"class": name, "cases": len(cases), "statuses": dict(sorted(seen.items())), "5xx": sum(v for k, v in seen.items() if k.startswith("5") and k != "503" and k != "504"),
                      "5xx incl 503/504": sum(v for k, v in seen.items() if k.startswith("5")),
+                     "5xx but 503": sum(v for k, v in seen.items() if k.startswith("5") and k != "503"),
                      "unexpected": sorted(set(seen) - allowed), "wall_s": round(wall, 1),
                      "normal requests": len(normal), "normal non-200": len(normal) - len(ok_lat),
                      "normal p50 ms": round(1e3 * float(np.median(ok_lat)), 1) if ok_lat else None,
-                     "normal max ms": round(1e3 * max(ok_lat), 1) if ok_lat else None})
+                     "normal max ms": round(1e3 * max(ok_lat), 1) if ok_lat else None,
+                     "healthz max ms": round(1e3 * max(t for _, t in health), 1) if health else None})
         normal_all += normal
-        print(f"  {name}: {len(cases)} cases in {wall:.1f} s, statuses {rows[-1]['statuses']}", flush=True)
-    return rows, normal_all
+        health_all += health
+        print(f"  {name}: {len(cases)} cases in {wall:.1f} s, statuses {rows[-1]['statuses']}, normal max {rows[-1]['normal max ms']} ms",
+              flush=True)
+    return rows, normal_all, health_all
 
 
 # ------------------------------------------------------------------ goodput
@@ -301,17 +360,57 @@ def cli_attack(bundle: str, tmp: Path) -> dict:
     return out
 
 
+def crop_twin(bundle: str, tmp: Path) -> str:
+    """The bundle's model imported again with shorter_center_crop (ImageNet's policy, the one an extreme aspect ratio
+    could blow up): `edgeconv import` with the bundle's classes, scale, mean/std and reference images."""
+    man = json.loads((Path(bundle) / "manifest.json").read_text())
+    pre, out, labels = man["preprocess"], tmp / "crop_twin", tmp / "labels.txt"
+    labels.write_text("\n".join(man["classes"]) + "\n")
+    p = subprocess.run([sys.executable, "-m", "edgeconv", "import", str(Path(bundle) / "model.onnx"), "--out", str(out), "--labels", str(labels),
+                        "--resize", "shorter_center_crop", "--scale", repr(pre["scale"]), "--mean", ",".join(map(repr, pre["mean"])),
+                        "--std", ",".join(map(repr, pre["std"])), "--val-data", str(Path(bundle) / "reference" / "images"), "--precision", "fp32"],
+                       capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        raise SystemExit(f"could not import the crop twin: {p.stderr.strip()[-500:]}")
+    return str(out)
+
+
+def busy_loops(n: int) -> list:
+    """``n`` processes that spin a core each (the machine's other core busy), until terminated."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", help="an exported bundle (the mnist one is enough)")
     ap.add_argument("--quick", action="store_true", help="fewer cases per class")
     ap.add_argument("--goodput-s", type=float, default=10.0)
     ap.add_argument("--goodput-only", action="store_true", help="only the goodput measurement (nothing written)")
+    ap.add_argument("--busy", type=int, default=0, help="busy-loop processes to run beside the whole measurement")
     args = ap.parse_args()
+    busy = busy_loops(args.busy)
+    try:
+        run(args)
+    finally:
+        for b in busy:
+            b.terminate()
+            b.wait()
+
+
+def _server_report(proc, port: int, log: Path) -> dict:
+    import httpx
+
+    text = httpx.get(f"http://{HOST}:{port}/metrics").text
+    return {"healthz_after": httpx.get(f"http://{HOST}:{port}/healthz").status_code,
+            "metrics_5xx": {m.group(1): float(m.group(2)) for m in re.finditer(r'^edgeconv_http_responses_total\{status="(5\d\d)"\} (\S+)$', text, re.M)},
+            "peak_rss_mb": rss_mb(proc.pid, "VmHWM")}
+
+
+def run(args) -> None:
     import httpx
 
     tmp = Path(tempfile.mkdtemp(prefix="edgeconv-attack-"))
-    result = {"args": vars(args)}
+    result = {"args": vars(args), "load_average_start": os.getloadavg()}
     if args.goodput_only:
         png = digit_png()
         for extra, clients in ((["--max-queue", "64"], 64), (["--max-queue", "64"], 200), (["--max-queue", "64", "--admit-wait-ms", "0"], 200)):
@@ -322,26 +421,34 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(timeout=60)
         return
-    print("attack: server with the default limits", flush=True)
+    print("attack: a server with the default limits, and the crop twin with --max-queue 16", flush=True)
+    crop_queue = 16
+    crop = crop_twin(args.bundle, tmp)
     proc, port = start(args.bundle, log=tmp / "server.err")
+    cproc, cport = start(crop, "--max-queue", str(crop_queue), log=tmp / "crop.err")
     try:
         name = httpx.get(f"http://{HOST}:{port}/v1/model").json()["serving"]["name"]
-        rss0 = rss_mb(proc.pid)
-        rows, normal = asyncio.run(attack(port, name, args.quick))
-        result["healthz_after"] = httpx.get(f"http://{HOST}:{port}/healthz").status_code
-        result["metrics_5xx"] = {m.group(1): float(m.group(2)) for m in re.finditer(r'^edgeconv_http_responses_total\{status="(5\d\d)"\} (\S+)$',
-                                                                                     httpx.get(f"http://{HOST}:{port}/metrics").text, re.M)}
-        result["server_rss_start_mb"], result["server_peak_rss_mb"] = rss0, rss_mb(proc.pid, "VmHWM")
+        cname = httpx.get(f"http://{HOST}:{cport}/v1/model").json()["serving"]["name"]
+        rss0, crss0 = rss_mb(proc.pid), rss_mb(cproc.pid)
+        classes = [(*c, port) for c in build_classes(port, name, args.quick)] + [(*c, cport) for c in build_crop_classes(cport, cname, crop_queue)]
+        rows, normal, health = asyncio.run(attack(classes))
+        result["server"] = {"rss_start_mb": rss0, **_server_report(proc, port, tmp / "server.err")}
+        result["crop_server"] = {"rss_start_mb": crss0, **_server_report(cproc, cport, tmp / "crop.err")}
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-    err = (tmp / "server.err").read_text()
-    result["server_tracebacks"] = err.count("Traceback")
-    result["server_stderr_tail"] = err[-2000:]
+        for p in (proc, cproc):
+            p.terminate()
+            p.wait(timeout=60)
+    for key, log in (("server", "server.err"), ("crop_server", "crop.err")):
+        err = (tmp / log).read_text()
+        result[key]["tracebacks"] = err.count("Traceback")
+        result[key]["stderr_tail"] = err[-2000:]
+    srv = result["server"]  # the main server's figures at the top level too, as before (the README is checked against them)
+    result.update(healthz_after=srv["healthz_after"], metrics_5xx=srv["metrics_5xx"], server_rss_start_mb=srv["rss_start_mb"],
+                  server_peak_rss_mb=srv["peak_rss_mb"], server_tracebacks=srv["tracebacks"] + result["crop_server"]["tracebacks"])
     result["classes"] = rows
     ok = [t for s, t in normal if s == 200]
     result["normal"] = {"requests": len(normal), "ok": len(ok), "p50_ms": 1e3 * float(np.median(ok)), "p99_ms": 1e3 * float(np.percentile(ok, 99)),
-                        "max_ms": 1e3 * max(ok)}
+                        "max_ms": 1e3 * max(ok), "healthz_requests": len(health), "healthz_max_ms": 1e3 * max(t for _, t in health)}
     print("attack: the CLI on forged images", flush=True)
     result["cli"] = cli_attack(args.bundle, tmp)
 
@@ -364,16 +471,23 @@ def main() -> None:
     result["goodput"] = {**runs, "capacity_ok_per_s": capacity, "ratio": over["ok_per_s"] / capacity, "ratio_admit_wait_0": naive["ok_per_s"] / capacity,
                          "load_average": os.getloadavg()}
 
-    cols = ["class", "cases", "statuses", "5xx", "unexpected", "normal requests", "normal non-200", "normal p50 ms", "normal max ms", "wall_s"]
+    srv, crp = result["server"], result["crop_server"]
+    cols = ["class", "cases", "statuses", "5xx but 503", "unexpected", "normal requests", "normal non-200", "normal p50 ms", "normal max ms",
+            "healthz max ms", "wall_s"]
     lines = [table(rows, cols), "",
-             f"5xx other than 503/504 in the attack: {sum(r['5xx'] for r in rows)}; tracebacks in the server's stderr: {result['server_tracebacks']}; "
-             f"5xx counted in /metrics: {result['metrics_5xx'] or 'none'}; /healthz after: {result['healthz_after']}",
-             f"server RSS: {result['server_rss_start_mb']:.0f} MB at start, peak (VmHWM) {result['server_peak_rss_mb']:.0f} MB (limit 400 MB)",
-             f"normal requests during the attack: {result['normal']['ok']}/{result['normal']['requests']} answered 200, "
-             f"p50 {result['normal']['p50_ms']:.1f} ms, p99 {result['normal']['p99_ms']:.1f} ms, max {result['normal']['max_ms']:.1f} ms",
+             f"cases: {sum(r['cases'] for r in rows)}; 5xx other than 503 in the attack: {sum(r['5xx but 503'] for r in rows)}; unexpected statuses: "
+             f"{sum(len(r['unexpected']) for r in rows)}; tracebacks in the servers' stderr: {srv['tracebacks'] + crp['tracebacks']}; "
+             f"5xx counted in /metrics: {srv['metrics_5xx'] or 'none'} (crop twin: {crp['metrics_5xx'] or 'none'}); /healthz after: "
+             f"{srv['healthz_after']} and {crp['healthz_after']}",
+             f"server RSS: {srv['rss_start_mb']:.0f} MB at start, peak (VmHWM) {srv['peak_rss_mb']:.0f} MB; crop twin "
+             f"(shorter_center_crop): {crp['rss_start_mb']:.0f} MB at start, peak {crp['peak_rss_mb']:.0f} MB (limit 400 MB each)",
+             f"normal clients during the attack: {result['normal']['ok']}/{result['normal']['requests']} digits answered 200, "
+             f"p50 {result['normal']['p50_ms']:.1f} ms, p99 {result['normal']['p99_ms']:.1f} ms, max {result['normal']['max_ms']:.1f} ms; "
+             f"/healthz max {result['normal']['healthz_max_ms']:.1f} ms over {result['normal']['healthz_requests']} (target: no stall over 1 s)",
              f"CLI (`edgeconv-runtime predict` on {result['cli']['cases']} forged files): exit codes {result['cli']['exit codes']}, "
              f"tracebacks {result['cli']['tracebacks']}, peak RSS {result['cli']['peak_rss_mb']:.0f} MB",
-             f"goodput (--max-queue 64, {args.goodput_s:.0f} s each): capacity {capacity:.0f} req/s with 64 clients (mean of "
+             f"goodput (--max-queue 64, {args.goodput_s:.0f} s each, {args.busy} busy-loop process(es) beside it, load average "
+             f"{result['load_average_start'][0]:.1f} at the start): capacity {capacity:.0f} req/s with 64 clients (mean of "
              f"{cap['ok_per_s']:.0f} before and {runs['capacity_64_clients_again']['ok_per_s']:.0f} after); "
              f"200 clients retrying at once on 503: {over['ok_per_s']:.0f} req/s OK {over['codes']} -> ratio {result['goodput']['ratio']:.2f} "
              f"(target >= 0.80); the same without the admission wait (--admit-wait-ms 0): {naive['ok_per_s']:.0f} req/s OK {naive['codes']} "
