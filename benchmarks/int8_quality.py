@@ -264,7 +264,7 @@ def study(name: str, fp32: Path, calib: np.ndarray, val: np.ndarray, labels, wor
     nncf_info = {}
     if args.nncf:
         ref_native = evaluate({"fp32": fp32}, val, work)["fp32"]
-        nncf_info = run_nncf(fp32, calib, val, ref_native, work, args.nncf_budget if labels is None else 0.0)
+        nncf_info = run_nncf(fp32, calib, val, ref_native, work, args.nncf_budget if labels is None and args.nncf_ac else 0.0)
         if (work / "nncf_default.onnx").exists():
             graphs["nncf-default"] = work / "nncf_default.onnx"
     native = evaluate({"fp32": fp32, **graphs}, val, work)
@@ -324,6 +324,7 @@ def main() -> None:
     ap.add_argument("--emulate", action="store_true")
     ap.add_argument("--emu-images", type=int, default=300)
     ap.add_argument("--nncf", action="store_true")
+    ap.add_argument("--nncf-ac", action="store_true", help="also NNCF's quantize_with_accuracy_control on the ImageNet model (minutes)")
     ap.add_argument("--nncf-budget", type=float, default=0.02, help="NNCF accuracy control: max agreement drop (fraction)")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS / "int8_quality")
