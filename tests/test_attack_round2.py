@@ -214,3 +214,27 @@ def test_a_waiting_request_keeps_its_turn_while_the_line_moves():
         assert not b.waiters and b.pending == 2
 
     asyncio.run(scenario())
+
+
+def test_large_bodies_are_parsed_in_a_decode_thread_not_on_the_event_loop():
+    """v1 JSON and every v2 body go through Admission.parse: up to 64 KB inline, bigger in a decode thread (over 1 MB
+    the big-image lane's), so walking 9.6 MB of binary BYTES data or megabytes of JSON never stalls other clients."""
+    from edgeconv_runtime.admission import INLINE_BYTES, LARGE_PAYLOAD, Admission, Batcher
+    from edgeconv_runtime.serve import ServeConfig
+
+    gate = Admission(ServeConfig(bundle="unused"), Batcher(model=None, max_batch=4, max_delay_s=0.0, max_queue=8))
+
+    async def where(size: int) -> str:
+        return await gate.parse(b"x" * size, lambda body: threading.current_thread().name)
+
+    try:
+        names = [asyncio.run(where(n)) for n in (INLINE_BYTES, INLINE_BYTES + 1, LARGE_PAYLOAD + 1)]
+    finally:
+        gate.shutdown()
+    assert names[0] == threading.main_thread().name, names
+    assert names[1].startswith("edgeconv-decode_") and names[2].startswith("edgeconv-decode-large"), names
+    import inspect
+
+    from edgeconv_runtime import serve, v2
+
+    assert "gate.parse(body, _parse_json" in inspect.getsource(serve) and "gate.parse(body, proto.parse" in inspect.getsource(v2)
