@@ -22,10 +22,14 @@ from .exporting import ExportRequest, export_run, format_manifest
 from .model_card import extend_card
 from .training import TrainConfig, train
 
-# the official MNIST test files: in $EDGECONV_DATA/mnist when that is set (`make data` fills it), else looked for
-# beside the working directory and beside this checkout (../shared/data, the default data folder)
-MNIST_TEST_DIRS = ((Path(os.environ["EDGECONV_DATA"]).expanduser() / "mnist",) if os.environ.get("EDGECONV_DATA") else
-                   (Path("../shared/data/mnist"), Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
+# the official MNIST test files, looked for beside the working directory and beside this checkout (../shared/data,
+# the default data folder); $EDGECONV_DATA/mnist instead when that is set (`make data` fills it): mnist_test_dirs()
+MNIST_TEST_DIRS = (Path("../shared/data/mnist"), Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist")
+
+
+def mnist_test_dirs() -> tuple:
+    data = os.environ.get("EDGECONV_DATA")
+    return (Path(data).expanduser() / "mnist",) if data else MNIST_TEST_DIRS
 
 
 @dataclass
@@ -35,7 +39,7 @@ class DemoConfig:
 
     out: str = "runs/demo"
     epochs: int = 30
-    test_data: Optional[str] = None  # None: the official MNIST test files when present (MNIST_TEST_DIRS), else a carved split
+    test_data: Optional[str] = None  # None: the official MNIST test files when present (mnist_test_dirs()), else a carved split
     json_path: Optional[str] = None  # also write the training metrics and the summary rows here
     data: str = "mnist-5k"
     model: str = "chollet_mnist"
@@ -70,7 +74,7 @@ class DemoResult:
 
 
 def default_test_data() -> Optional[str]:
-    return next((str(d) for d in MNIST_TEST_DIRS if d.is_dir()), None)
+    return next((str(d) for d in mnist_test_dirs() if d.is_dir()), None)
 
 
 def run_demo(config: DemoConfig, progress: Callable[[str], None] = lambda line: None) -> DemoResult:

@@ -124,14 +124,15 @@ class _BuildTimeout:
         return False
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(hookwrapper=True)
 def pytest_fixture_setup(fixturedef, request):
     """Module-/session-scoped fixtures set up under build_timeout, off the requesting test's clock (the fixtures
     they depend on are set up before this hook, each under its own budget)."""
     if fixturedef.scope == "function" or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
-        return (yield)
+        yield
+        return
     with _BuildTimeout(fixturedef.argname, float(request.config.getini("build_timeout") or 0)):
-        return (yield)
+        yield
 
 
 # `make mutants` runs the same tests once per mutant: with EDGECONV_TEST_FIXTURES set, the trained runs and bundles
