@@ -113,7 +113,7 @@ def test_train_options_are_train_config_fields_with_its_defaults_and_names():
 
     opts, fields = _options("train"), _fields(TrainConfig)
     assert set(fields) - set(opts) == {"progress"}, "a TrainConfig field without a train option"
-    assert set(opts) - set(fields) == {"resume_dir", "export_targets"}
+    assert set(opts) - set(fields) == {"resume_dir", "export_targets", "from_run"}  # --from: QAT on a finished run, not a training setting
     for name, default in fields.items():
         if name in opts and name not in ("data", "model", "out"):  # required unless --resume
             assert opts[name].default == default, (name, opts[name].default, default)

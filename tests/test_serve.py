@@ -158,7 +158,9 @@ def test_concurrent_requests_are_batched_and_answered_to_the_right_caller(rgb_bu
 
 
 def test_overload_answers_503_never_500_and_stays_healthy(rgb_bundle, catsdogs_tiny):
-    server = Server(rgb_bundle, "--max-batch", "1", "--max-queue", "2")
+    # no admission wait: a request that finds the queue full gets 503 at once (with the default 100 ms wait in line,
+    # a fast machine serves all 128 and the overload path is never taken)
+    server = Server(rgb_bundle, "--max-batch", "1", "--max-queue", "2", "--admit-wait-ms", "0")
     try:
         body = jpegs(catsdogs_tiny, 2)[0].read_bytes()
 
