@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import resource
 import subprocess
@@ -106,11 +107,25 @@ def test_a_batch_larger_than_the_queue_is_413_not_503_forever(crop_server):
 
 
 # ------------------------------------------------------------------ the decode lane comes from the header's pixels
+@contextlib.asynccontextmanager
+async def _gate(model, bundle):
+    """The server's own admission gate (real Batcher, real model) for the length of a block."""
+    from edgeconv_runtime.admission import Admission, Batcher
+    from edgeconv_runtime.serve import ServeConfig
+
+    batcher = Batcher(model, 8, 0.001, 64)
+    gate = Admission(ServeConfig(bundle=str(bundle)), batcher)
+    batcher.start()
+    try:
+        yield gate
+    finally:
+        await batcher.stop()
+        gate.shutdown()
+
+
 def _lane_of(mnist_bundle, payloads: list) -> list:
     """The decode thread each payload's decoding ran in, through the server's own admission gate (real Batcher, model)."""
     from edgeconv_runtime import Model
-    from edgeconv_runtime.admission import Admission, Batcher
-    from edgeconv_runtime.serve import ServeConfig
 
     model = Model.load(mnist_bundle)
     threads = []
@@ -120,16 +135,10 @@ def _lane_of(mnist_bundle, payloads: list) -> list:
         return model.preprocess_images(blobs)
 
     async def run():
-        batcher = Batcher(model, 8, 0.001, 64)
-        gate = Admission(ServeConfig(bundle=str(mnist_bundle)), batcher)
-        batcher.start()
-        try:
+        async with _gate(model, mnist_bundle) as gate:
             for p in payloads:
                 logits = await gate.infer(len(p), prepare, p)
                 assert logits.shape == (len(p), len(model.classes))
-        finally:
-            await batcher.stop()
-            gate.shutdown()
 
     asyncio.run(run())
     return threads
@@ -151,8 +160,7 @@ def test_a_full_big_image_lane_answers_503_at_once(mnist_bundle):
     """The big-image lane holds LARGE_LANE_DEPTH requests (one decoding, the others waiting for its thread); one more is
     503 with Retry-After at once, instead of waiting past --timeout-s for a 504. Ordinary images still pass meanwhile."""
     from edgeconv_runtime import Model
-    from edgeconv_runtime.admission import LARGE_LANE_DEPTH, Admission, Batcher, HTTPError
-    from edgeconv_runtime.serve import ServeConfig
+    from edgeconv_runtime.admission import LARGE_LANE_DEPTH, HTTPError
 
     model = Model.load(mnist_bundle)
     big, digit = _png((3000, 3000), "L", 0), _png((28, 28), "L", 128)
@@ -164,24 +172,20 @@ def test_a_full_big_image_lane_answers_503_at_once(mnist_bundle):
         return model.preprocess_images(blobs)
 
     async def run():
-        batcher = Batcher(model, 8, 0.001, 64)
-        gate = Admission(ServeConfig(bundle=str(mnist_bundle)), batcher)
-        batcher.start()
-        try:
-            held = [asyncio.ensure_future(gate.infer(1, prepare, [big])) for _ in range(LARGE_LANE_DEPTH)]
-            while gate.large_depth < LARGE_LANE_DEPTH:
-                await asyncio.sleep(0.01)
-            with pytest.raises(HTTPError) as exc:
-                await gate.infer(1, prepare, [big])
-            assert exc.value.status == 503 and exc.value.headers.get("Retry-After") == "1", exc.value.message
-            assert (await gate.infer(1, prepare, [digit])).shape == (1, len(model.classes))  # the ordinary lane is free
-            release.set()
-            assert all(r.shape == (1, len(model.classes)) for r in await asyncio.gather(*held))
-            assert gate.large_depth == 0
-        finally:
-            release.set()
-            await batcher.stop()
-            gate.shutdown()
+        async with _gate(model, mnist_bundle) as gate:
+            try:
+                held = [asyncio.ensure_future(gate.infer(1, prepare, [big])) for _ in range(LARGE_LANE_DEPTH)]
+                while gate.large_depth < LARGE_LANE_DEPTH:
+                    await asyncio.sleep(0.01)
+                with pytest.raises(HTTPError) as exc:
+                    await gate.infer(1, prepare, [big])
+                assert exc.value.status == 503 and exc.value.headers.get("Retry-After") == "1", exc.value.message
+                assert (await gate.infer(1, prepare, [digit])).shape == (1, len(model.classes))  # the ordinary lane is free
+                release.set()
+                assert all(r.shape == (1, len(model.classes)) for r in await asyncio.gather(*held))
+                assert gate.large_depth == 0
+            finally:
+                release.set()
 
     asyncio.run(run())
 
