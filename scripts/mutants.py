@@ -51,6 +51,8 @@ TARGETS = [  # tests: one -k at most (pytest keeps only the last)
            {"parity_report: Add -> Sub: np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1) + 1e-12 => "
             "np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1) - 1e-12": EPSILON,
             "parity_report: 1e-12 -> 2e-12: 1e-12 => 2e-12": EPSILON}),
+    Target("parity.TOLERANCES", "runtime/edgeconv_runtime/parity.py", ("TOLERANCES", "BACKEND_OVERRIDES", "PREPROCESS_MAX_ABS_DIFF"),
+           ("tests/test_mutation_kills_tolerances.py", "tests/test_parity_table.py")),
     Target("manifest", "runtime/edgeconv_runtime/manifest.py", ("is_sha256", "check_relative_path", "resolve_inside", "read_manifest"), TRUST),
     Target("bundle hashing", "runtime/edgeconv_runtime/bundle.py", ("Bundle.path", "Bundle.check_file", "read_bundle"), TRUST),
     Target("checkpoint", "edgeconv/checkpoint.py", ("weights_sha256", "resolve_checkpoint", "load_checkpoint", "model_from_checkpoint"),
@@ -94,13 +96,17 @@ BIN_SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.
 
 
 def _functions(tree: ast.Module, wanted: tuple) -> list:
-    """The (qualified name, node) of each wanted function or method ("*": every function in the module)."""
+    """The (qualified name, node) of each wanted function or method ("*": every function in the module), and of each
+    wanted module-level constant (a NAME = ... assignment: a table of limits, whose numbers are then mutated)."""
     out = []
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             out.append((node.name, node))
         elif isinstance(node, ast.ClassDef):
             out += [(f"{node.name}.{m.name}", m) for m in node.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            out += [(t.id, node) for t in targets if isinstance(t, ast.Name) and t.id in wanted]
     return [(n, f) for n, f in out if "*" in wanted or n in wanted]
 
 
@@ -114,8 +120,9 @@ def _skipped(node: ast.AST, parent: ast.AST) -> bool:
     return bool(call and isinstance(call.func, ast.Attribute) and isinstance(call.func.value, ast.Name) and call.func.value.id in ("log", "logging", "warnings"))
 
 
-def _mutations(node: ast.AST):
-    """Yield (description, mutate) for ``node``; mutate() changes it in place (on a copy of the tree)."""
+def _mutations(node: ast.AST, table: bool = False):
+    """Yield (description, mutate) for ``node``; mutate() changes it in place (on a copy of the tree). In a constant
+    table (``table``) a number is moved both ways (x2 and /2): a limit loosened as well as tightened."""
     if isinstance(node, ast.Compare):
         for i, op in enumerate(node.ops):
             if type(op) in CMP_SWAP:
@@ -133,6 +140,8 @@ def _mutations(node: ast.AST):
         v = node.value
         new = (v + 1) if isinstance(v, int) else (v * 2 if v else 1.0)
         yield f"{v!r} -> {new!r}", lambda n, new=new: setattr(n, "value", new)
+        if table and isinstance(v, float) and v:
+            yield f"{v!r} -> {v / 2!r}", lambda n, new=v / 2: setattr(n, "value", new)
     elif isinstance(node, ast.Constant) and isinstance(node.value, bool):
         yield f"{node.value} -> {not node.value}", lambda n: setattr(n, "value", not n.value)
     if isinstance(node, (ast.If, ast.While)):
@@ -170,7 +179,7 @@ def mutants(source: str, functions: tuple) -> list:
         for node in ast.walk(fn):
             if node is fn or _skipped(node, parents.get(id(node))):
                 continue
-            for desc, how in _mutations(node):
+            for desc, how in _mutations(node, table=isinstance(fn, (ast.Assign, ast.AnnAssign))):
                 mutated = copy.deepcopy(tree)
                 target = next(n for n in ast.walk(mutated) if getattr(n, "_mid", None) == node._mid)
                 before = ast.unparse(target).splitlines()[0][:120]
