@@ -23,6 +23,7 @@ The pieces ``precision.calibrate_int8`` puts together, each measured on real mod
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -86,9 +87,10 @@ class Statistics:
 
     ranges: Dict[str, tuple]  # tensor -> (lowest, highest) for the chosen method
     means: Dict[str, np.ndarray]  # Conv/Gemm input tensor -> per-channel mean
-    images: int
+    images: int  # images run through the pass (counted as they ran, not the length of what was handed in)
     method: str
     tensors: int = 0
+    distinct_images: int = 0  # how many of them differ (one image run again counts once)
 
     def tensors_data(self):
         from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
@@ -146,10 +148,15 @@ def collect_statistics(model_path: Path, calib, method: str = "minmax", input_na
     sums: Dict[str, np.ndarray] = {}
     counts: Dict[str, int] = {}
     hist = None
+    used = 0
     if method in ("percentile", "entropy"):
         hist = HistogramCollector(method, symmetric=False, num_bins=HIST_BINS, num_quantized_bins=128, percentile=PERCENTILE, scenario="same")
+    seen = set()  # digests of the images run: the manifest records what was measured, not what was asked for
     for i in range(len(calib)):
-        outs = sess.run(names, {input_name: np.ascontiguousarray(calib[i : i + 1])})
+        x = np.ascontiguousarray(calib[i : i + 1])
+        seen.add(hashlib.blake2b(x.tobytes(), digest_size=16).digest())
+        used += len(x)
+        outs = sess.run(names, {input_name: x})
         for name, a in zip(names, outs):
             if a.size == 0:
                 continue
@@ -170,7 +177,7 @@ def collect_statistics(model_path: Path, calib, method: str = "minmax", input_na
             if n in ranges:
                 ranges[n] = (max(float(v[0]), ranges[n][0]), min(float(v[1]), ranges[n][1]))
     means = {n: (sums[n] / counts[n]).astype(np.float64) for n in sums}
-    return Statistics(ranges, means, int(len(calib)), method, len(ranges))
+    return Statistics(ranges, means, used, method, len(ranges), distinct_images=len(seen))
 
 
 @dataclass(frozen=True)

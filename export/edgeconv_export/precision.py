@@ -120,7 +120,8 @@ class Int8Writer:
         return list(dense_inputs(onnx.load(str(self.prep))))
 
     def record(self) -> dict:
-        return {"method": self.method, "images": self.stats.images, "format": "QDQ", "per_channel_weights": True,
+        return {"method": self.method, "images": self.stats.images, "distinct_images": self.stats.distinct_images, "format": "QDQ",
+                "per_channel_weights": True,
                 "calibrated_tensors": self.stats.tensors, "bias_correction": "empirical, per output channel (W - W_q) . E[x]"}
 
     def close(self) -> None:
