@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import sys
@@ -62,7 +63,46 @@ GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 CUDNN_CONV_ALGO_SEARCH = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 # onnxruntime refuses a provider option it does not know (an older build): the key it names is dropped and noted
 _UNKNOWN_OPTION = re.compile(r"(?:Invalid TensorRT EP option|Unknown provider option)\W+([A-Za-z0-9_]+)")
+# InferenceSession's own fallback: it catches a provider that fails to start (an unknown option is enough), prints
+# this to stdout and builds the session again on the CPU (onnxruntime_inference_collection.py, InferenceSession.__init__)
+_EP_ERROR = re.compile(r"^EP Error:? (.+?) (?:when )?using \[", re.M | re.S)
 _PRELOAD = {"done": False, "error": None}
+# The first onnxruntime release that knows each provider option we pass (an older one refuses the whole provider),
+# from the microsoft/onnxruntime pull requests that added them: CUDA use_tf32 #19357/#19426 (1.18); TensorRT
+# trt_timing_cache_path #17865 (1.17); trt_profile_*_shapes #15546 and trt_timing_cache_enable #14767 (1.15).
+# Wheels for JetPack 5 / Python 3.8 predate some of them.
+OPTION_SINCE = {
+    "use_tf32": (1, 18),
+    "trt_timing_cache_path": (1, 17),
+    "trt_timing_cache_enable": (1, 15),
+    "trt_profile_min_shapes": (1, 15),
+    "trt_profile_opt_shapes": (1, 15),
+    "trt_profile_max_shapes": (1, 15),
+}
+
+
+def ort_version_tuple(version) -> tuple:
+    """'1.16.3' / '1.17.0+cu118' / '1.18.0.dev20240101' -> (1, 16, 3); () when it cannot be read (taken as current)."""
+    m = re.match(r"\s*(\d+)\.(\d+)(?:\.(\d+))?", str(version or ""))
+    return tuple(int(g) for g in m.groups() if g is not None) if m else ()
+
+
+def installed_ort_version() -> Optional[str]:
+    try:
+        import onnxruntime as ort
+
+        return getattr(ort, "__version__", None)
+    except Exception:  # a broken install: its status says why; the options stay the newest
+        return None
+
+
+def options_for_version(options: dict, version) -> tuple:
+    """(the options ``version`` of onnxruntime knows, the keys left out): an unknown key makes onnxruntime refuse the provider."""
+    have = ort_version_tuple(version)
+    if not have:
+        return dict(options), []
+    dropped = [k for k in options if k in OPTION_SINCE and have < OPTION_SINCE[k]]
+    return {k: v for k, v in options.items() if k not in dropped}, dropped
 
 
 
@@ -146,18 +186,29 @@ def default_trt_cache_dir(bundle_root=None) -> Path:
 
 
 def provider_list(provider: str, precision: str = "fp32", input_name: Optional[str] = None, input_shape=None, cache_dir=None,
-                  batch=DEFAULT_BATCH_PROFILE, device_id: int = 0, cache_key: str = "model") -> list:
+                  batch=DEFAULT_BATCH_PROFILE, device_id: int = 0, cache_key: str = "model", ort_version=None,
+                  omitted: Optional[list] = None) -> list:
     """The ``providers`` argument of ``InferenceSession``: the provider asked for, then what takes the nodes it cannot run.
 
-    TensorRT's provider is followed by CUDA's (for layers TensorRT cannot take) and the CPU's.
+    TensorRT's provider is followed by CUDA's (for layers TensorRT cannot take) and the CPU's. Options older
+    onnxruntime releases lack (``ort_version``, default the installed one; see OPTION_SINCE) are left out and their
+    keys appended to ``omitted``.
     """
     if provider == "CPUExecutionProvider":
         return ["CPUExecutionProvider"]
-    cuda = ("CUDAExecutionProvider", cuda_provider_options(device_id))
+    version = ort_version if ort_version is not None else installed_ort_version()
+    left_out = omitted if omitted is not None else []
+
+    def fit(options: dict) -> dict:
+        kept, dropped = options_for_version(options, version)
+        left_out.extend(k for k in dropped if k not in left_out)
+        return kept
+
+    cuda = ("CUDAExecutionProvider", fit(cuda_provider_options(device_id)))
     if provider == "CUDAExecutionProvider":
         return [cuda, "CPUExecutionProvider"]
     if provider == "TensorrtExecutionProvider":
-        trt = trt_provider_options(precision, input_name, input_shape, cache_dir, batch, device_id, cache_key)
+        trt = fit(trt_provider_options(precision, input_name, input_shape, cache_dir, batch, device_id, cache_key))
         return [("TensorrtExecutionProvider", trt), cuda, "CPUExecutionProvider"]
     raise EdgeconvError(f"unknown execution provider {provider!r}; use one of CPUExecutionProvider, {', '.join(GPU_PROVIDERS)}")
 
@@ -249,7 +300,8 @@ class OrtBackend(Backend):
             self.max_batch = batch_profile[2]
             self.cache_dir = Path(cache_dir).absolute() if cache_dir is not None else default_trt_cache_dir(Path(path).absolute().parent)
             key = f"{Path(path).name}-{sha256_file(path)[:16]}"
-        providers = provider_list(provider, precision, input_name, input_shape, self.cache_dir, batch_profile, device_id, key)
+        providers = provider_list(provider, precision, input_name, input_shape, self.cache_dir, batch_profile, device_id, key,
+                                  getattr(ort, "__version__", None), self.dropped_options)
         preload_error = None
         if provider in GPU_PROVIDERS:
             preload_error = preload_cuda_libraries(ort)
@@ -258,7 +310,7 @@ class OrtBackend(Backend):
                 for p in providers:
                     if isinstance(p, tuple) and p[0] == "TensorrtExecutionProvider":
                         for k in ("trt_engine_cache_path", "trt_timing_cache_path"):
-                            if not _usable_dir(Path(p[1][k])):
+                            if k in p[1] and not _usable_dir(Path(p[1][k])):
                                 raise BackendUnavailable(f"the TensorRT cache folder {p[1][k]} cannot be written; pass a writable cache_dir")
         self.session = self._session(ort, so, providers)
         self.providers = self.session.get_providers()
@@ -271,18 +323,32 @@ class OrtBackend(Backend):
             self.infer = self._infer_in_slices
 
     def _session(self, ort, so, providers: list):
+        """The session, with no fallback of onnxruntime's own: ``enable_fallback=0`` makes a provider that cannot start
+        raise (onnxruntime releases without that keyword still fall back: their "EP Error" banner is read instead of
+        printed, since stdout may carry --json). A refused option is dropped and the session tried again."""
         name = os.path.basename(self.path)
         for _ in range(8):
+            banner, error = io.StringIO(), None
             try:
-                return ort.InferenceSession(self.path, so, providers=providers)
+                with contextlib.redirect_stdout(banner):
+                    session = ort.InferenceSession(self.path, so, providers=providers, enable_fallback=0)
             except Exception as exc:  # onnxruntime raises its own exception types (a bad file, a provider that cannot start)
-                unknown = _UNKNOWN_OPTION.search(str(exc))
-                if unknown and _drop_option(providers, unknown.group(1)):
-                    self.dropped_options.append(unknown.group(1))  # an older onnxruntime: run without that option, say so
-                    continue
-                if self.provider == "CPUExecutionProvider":
-                    raise EdgeconvError(f"onnxruntime cannot load {name}: {first_line(exc)}; re-export the bundle") from exc
-                raise BackendUnavailable(f"{self.provider} could not start with {name}: {first_line(exc)}") from exc
+                error = exc
+            else:
+                fell_back = _EP_ERROR.search(banner.getvalue())
+                if fell_back is None:
+                    if banner.getvalue():  # anything else printed on the way belongs with the diagnostics
+                        sys.stderr.write(banner.getvalue())
+                    session.disable_fallback()  # nor a silent CPU rerun when the provider fails inside run()
+                    return session
+                error = RuntimeError(fell_back.group(1).strip())
+            unknown = _UNKNOWN_OPTION.search(str(error))
+            if unknown and _drop_option(providers, unknown.group(1)):
+                self.dropped_options.append(unknown.group(1))  # an older onnxruntime: run without that option, say so
+                continue
+            if self.provider == "CPUExecutionProvider":
+                raise EdgeconvError(f"onnxruntime cannot load {name}: {first_line(error)}; re-export the bundle") from error
+            raise BackendUnavailable(f"{self.provider} could not start with {name}: {first_line(error)}") from error
         raise BackendUnavailable(f"{self.provider} refused the options {', '.join(self.dropped_options)}; upgrade onnxruntime-gpu")
 
     def _fallback_message(self, ort, preload_error: Optional[str]) -> str:

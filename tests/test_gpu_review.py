@@ -1,0 +1,174 @@
+"""The GPU review's fixes (issue 23 §2), each checked on a CPU.
+
+- ONNX Runtime provider options by onnxruntime version, and nothing of a provider that fails to start on stdout;
+- DLA builds refused before TensorRT is touched (dynamic profile, fp32, Q/DQ INT8 before TensorRT 10);
+- `edgeconv export --opset 12 --precision int8` refused before anything is exported;
+- INT8 through ORT's TensorRT provider also enables FP16, cuda-python's native handle, and nvidia-smi's row trusted
+  for a CUDA_VISIBLE_DEVICES index only under CUDA_DEVICE_ORDER=PCI_BUS_ID.
+
+Where a library's behaviour on other hardware or an older release is needed, the test says which part stands in for
+it: an older onnxruntime's option parser (one option refused, as 1.16's CUDA provider refuses use_tf32) wraps the real
+InferenceSession, whose own fallback and banner code then runs unchanged; nvidia-smi is a script printing a
+recorded two-GPU answer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+
+from edgeconv_runtime import BackendUnavailable, EdgeconvError
+
+ort = pytest.importorskip("onnxruntime")
+from edgeconv_runtime.backends.ort import OrtBackend, provider_list, trt_provider_options  # noqa: E402
+
+
+def _one_line(exc_info) -> str:
+    msg = str(exc_info.value)
+    assert msg and "\n" not in msg, msg
+    return msg
+
+
+def _options(providers: list, name: str) -> dict:
+    return next(p[1] for p in providers if isinstance(p, tuple) and p[0] == name)
+
+
+def _tiny_onnx(path: Path) -> Path:
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 4, 4])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1, 4, 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["logits"])], "tiny", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+# ------------------------------------------------------------------------- 1. provider options by onnxruntime version
+@pytest.mark.parametrize("version, cuda_missing, trt_missing", [
+    ("1.16.3", {"use_tf32"}, {"trt_timing_cache_path"}),                 # JetPack 5 / Python 3.8 wheels
+    ("1.17.1", {"use_tf32"}, set()),
+    ("1.14.1", {"use_tf32"}, {"trt_timing_cache_path", "trt_timing_cache_enable", "trt_profile_min_shapes",
+                              "trt_profile_opt_shapes", "trt_profile_max_shapes"}),
+    ("1.18.0", set(), set()),
+    ("1.22.0+cu126", set(), set()),
+])
+def test_provider_options_leave_out_what_the_installed_onnxruntime_lacks(monkeypatch, tmp_path, version, cuda_missing, trt_missing):
+    # an option an older onnxruntime does not know makes it refuse the whole provider (then fall back to the CPU)
+    monkeypatch.setattr(ort, "__version__", version)
+    every_cuda = {"device_id", "use_tf32", "cudnn_conv_algo_search"}
+    cuda = _options(provider_list("CUDAExecutionProvider"), "CUDAExecutionProvider")
+    assert set(cuda) == every_cuda - cuda_missing
+    omitted = []
+    providers = provider_list("TensorrtExecutionProvider", "fp16", "input", (3, 32, 32), tmp_path, omitted=omitted)
+    every_trt = set(trt_provider_options("fp16", "input", (3, 32, 32), tmp_path))
+    assert set(_options(providers, "TensorrtExecutionProvider")) == every_trt - trt_missing
+    assert set(_options(providers, "CUDAExecutionProvider")) == every_cuda - cuda_missing
+    assert set(omitted) == cuda_missing | trt_missing  # said, not silent (OrtBackend.describe()["dropped_options"])
+    assert provider_list("CPUExecutionProvider") == ["CPUExecutionProvider"]
+
+
+class _OlderOptionParser:
+    """Stands in for an onnxruntime build whose provider refuses the option ``refused`` (with onnxruntime's own message,
+    provider_options_utils.h) or fails to start (``failure``). It wraps the installed session's provider check, which
+    runs inside InferenceSession.__init__'s own try: its fallback and banner code then run as they would on a GPU."""
+
+    def __init__(self, monkeypatch, refused: str = "", failure: str = "", honour_enable_fallback: bool = True):
+        from onnxruntime.capi import onnxruntime_inference_collection as collection
+
+        self.calls = []
+        real_check = collection.check_and_normalize_provider_args
+        parser = self
+
+        def check(providers, provider_options, available_provider_names):
+            parser.calls.append([p if isinstance(p, str) else (p[0], dict(p[1])) for p in providers or []])
+            if refused and any(isinstance(p, tuple) and refused in p[1] for p in providers or []):
+                raise RuntimeError(f'provider_options_utils.h:146 Parse Unknown provider option: "{refused}".')
+            if failure and any((p if isinstance(p, str) else p[0]) != "CPUExecutionProvider" for p in providers or []):
+                raise RuntimeError(failure)
+            return real_check(providers, provider_options, available_provider_names)
+
+        monkeypatch.setattr(collection, "check_and_normalize_provider_args", check)
+        if not honour_enable_fallback:  # releases before the enable_fallback keyword take it into **kwargs and ignore it
+            real_init = ort.InferenceSession.__init__
+
+            def init(session, *args, **kwargs):
+                kwargs.pop("enable_fallback", None)
+                real_init(session, *args, **kwargs)
+
+            monkeypatch.setattr(ort.InferenceSession, "__init__", init)
+
+
+def test_a_refused_option_is_dropped_and_retried_and_nothing_reaches_stdout(tmp_path, capfd, monkeypatch):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has the CUDA provider: it would really start here")
+    parser = _OlderOptionParser(monkeypatch, refused="use_tf32")
+    model = _tiny_onnx(tmp_path / "tiny.onnx")
+    with pytest.warns(UserWarning):  # onnxruntime's own: this CPU build has no CUDA provider
+        with pytest.raises(BackendUnavailable) as exc:
+            OrtBackend(str(model), provider="CUDAExecutionProvider")
+    assert "CUDAExecutionProvider" in _one_line(exc)
+    # onnxruntime's own fallback did not catch the refusal: our loop dropped the option and asked again
+    assert len(parser.calls) == 2, parser.calls
+    assert "use_tf32" in parser.calls[0][0][1] and "use_tf32" not in parser.calls[1][0][1]
+    out, _ = capfd.readouterr()
+    assert out == "", out  # stdout may carry --json output: no "EP Error ... Falling back" banner
+
+
+def test_an_onnxruntime_that_falls_back_on_its_own_says_why_on_the_error_not_on_stdout(tmp_path, capfd, monkeypatch):
+    if "TensorrtExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has the TensorRT provider: it would really start here")
+    why = "TensorRT EP failed to create engine: libnvinfer.so.8: cannot open shared object file"
+    _OlderOptionParser(monkeypatch, failure=why, honour_enable_fallback=False)
+    model = _tiny_onnx(tmp_path / "tiny.onnx")
+    with pytest.raises(BackendUnavailable) as exc:
+        OrtBackend(str(model), provider="TensorrtExecutionProvider", cache_dir=tmp_path / "cache")
+    msg = _one_line(exc)
+    assert "TensorrtExecutionProvider" in msg and "libnvinfer.so.8" in msg, msg  # the real reason, not a guess
+    out, _ = capfd.readouterr()
+    assert out == "", out
+
+
+def test_verify_json_stays_json_on_an_onnxruntime_that_refuses_use_tf32(mnist_bundle):
+    """JetPack 5's onnxruntime 1.16: its CUDA provider refuses ``use_tf32``. `auto` tries CUDA first (the status probe is
+    told it is there), which must neither print onnxruntime's banner into --json output nor name a wrong reason."""
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has the CUDA provider: it would really start here")
+    script = textwrap.dedent(f"""
+        import sys, warnings
+        import onnxruntime as ort
+        from onnxruntime.capi import onnxruntime_inference_collection as collection
+        from edgeconv_runtime import backends
+        from edgeconv_runtime.cli import main
+
+        warnings.simplefilter("ignore")
+        ort.__version__ = "1.16.3"
+        real_check, real_status = collection.check_and_normalize_provider_args, backends.ort_provider_status
+
+        def check(providers, provider_options, available):
+            if any(isinstance(p, tuple) and "use_tf32" in p[1] for p in providers or []):
+                raise RuntimeError('provider_options_utils.h:146 Parse Unknown provider option: "use_tf32".')
+            return real_check(providers, provider_options, available)
+
+        collection.check_and_normalize_provider_args = check
+        backends.ort_provider_status = lambda p: (True, "ok") if p == "CUDAExecutionProvider" else real_status(p)
+        main(["verify", {str(mnist_bundle)!r}, "--json"])
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(r.stdout)  # the whole of stdout: no "EP Error ... Falling back" lines around it
+    assert report["ok"] is True and "cuda" not in report["backend"], report
+
+
+def test_the_cpu_session_has_no_fallback_left_to_rerun_silently(tmp_path):
+    be = OrtBackend(str(_tiny_onnx(tmp_path / "tiny.onnx")))
+    assert be.session._enable_fallback is False  # a provider failing inside run() raises instead of rerunning on the CPU
+    be.close()
