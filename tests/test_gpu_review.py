@@ -172,3 +172,39 @@ def test_the_cpu_session_has_no_fallback_left_to_rerun_silently(tmp_path):
     be = OrtBackend(str(_tiny_onnx(tmp_path / "tiny.onnx")))
     assert be.session._enable_fallback is False  # a provider failing inside run() raises instead of rerunning on the CPU
     be.close()
+
+
+# ------------------------------------------------------------------------------------------------ 2. DLA refusals
+def test_dla_refuses_a_dynamic_profile_and_fp32_before_tensorrt():
+    from edgeconv_runtime.engine import EngineOptions
+
+    for opts, words in [(EngineOptions(("fp16",), (1, 8, 32), dla_core=0), "fixed batch"),
+                        (EngineOptions(("fp32",), (4, 4, 4), dla_core=0), "fp16 and int8 only"),
+                        (EngineOptions(("fp16", "fp32"), (4, 4, 4), dla_core=1, gpu_fallback=True), "fp16 and int8 only")]:
+        with pytest.raises(EdgeconvError) as exc:
+            opts.validate()
+        assert words in _one_line(exc) and f"--dla-core {opts.dla_core}" in str(exc.value)
+    EngineOptions(("fp16", "int8"), (4, 4, 4), dla_core=0).validate()  # what DLA can run passes
+    EngineOptions(("fp32",), (1, 8, 32)).validate()  # and the GPU keeps its dynamic profile
+
+
+def test_dla_refuses_qdq_int8_before_tensorrt_10():
+    from edgeconv_runtime.engine import EngineOptions, build_serialized, dla_problem
+
+    opts = EngineOptions(("int8",), (8, 8, 8), dla_core=0)
+    assert "TensorRT 8.6.2" in dla_problem(opts, "int8", "8.6.2") and "\n" not in dla_problem(opts, "int8", "8.6.2")
+    assert dla_problem(opts, "int8", "10.3.0") is None and dla_problem(opts, "fp16", "8.6.2") is None
+    assert dla_problem(EngineOptions(("int8",), (1, 8, 32)), "int8", "8.6.2") is None  # no DLA: nothing to refuse
+    # build_serialized refuses before its first TensorRT call: this stand-in has nothing but a version
+    with pytest.raises(EdgeconvError) as exc:
+        build_serialized(types.SimpleNamespace(__version__="8.6.2"), Path("model.int8.trt.onnx"), "int8", "input", (1, 28, 28), opts)
+    assert "explicitly quantized" in _one_line(exc)
+
+
+def test_build_engine_cli_refuses_dla_with_the_default_profile_in_one_line(tmp_path):
+    # before the bundle is read or TensorRT imported: the default --batch 1,8,32 and --precision fp32 are both wrong for DLA
+    r = subprocess.run([sys.executable, "-m", "edgeconv_runtime", "build-engine", str(tmp_path / "no-bundle"), "--dla-core", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--dla-core 0" in lines[0] and "--batch N,N,N" in lines[0], r.stderr

@@ -76,15 +76,53 @@ class EngineOptions:
             raise EdgeconvError("--dla-core takes a DLA core number (0 or 1 on Jetson AGX/NX)")
         if self.gpu_fallback and self.dla_core is None:
             raise EdgeconvError("--gpu-fallback only applies with --dla-core N")
+        for p in self.precisions:
+            problem = dla_problem(self, p)
+            if problem:
+                raise EdgeconvError(problem)
+
+
+def dla_problem(opts: EngineOptions, precision: str, trt_version: Optional[str] = None) -> Optional[str]:
+    """One line saying why a ``precision`` engine cannot be built for ``opts.dla_core``, or None (also without DLA).
+
+    DLA takes one fixed shape (its profile must have min = opt = max) and computes in FP16 or INT8 only: an FP32 build
+    either fails or, with GPU fallback, runs wholly on the GPU while its sidecar names a DLA core. Before TensorRT 10,
+    DLA cannot run explicitly quantized (Q/DQ) INT8, which is what the bundle's INT8 graph is. ``trt_version`` None:
+    the checks that need no TensorRT.
+    """
+    core = opts.dla_core
+    if core is None:
+        return None
+    lo, opt, hi = opts.batch
+    if not lo == opt == hi:
+        return (f"--dla-core {core}: DLA engines take one fixed batch size (MIN = OPT = MAX), not {lo},{opt},{hi}; "
+                f"pass --batch N,N,N (e.g. --batch {opt},{opt},{opt})")
+    if precision == "fp32":
+        return (f"--dla-core {core}: DLA runs fp16 and int8 only, not fp32; ask for --precision fp16 (or int8), "
+                "or build fp32 without --dla-core for the GPU")
+    if precision == "int8" and trt_version is not None and _version_major(trt_version) < 10:
+        return (f"--dla-core {core}: TensorRT {trt_version} cannot run the bundle's explicitly quantized (Q/DQ) INT8 graph "
+                "on DLA (TensorRT 10 can); use --precision fp16 on DLA, or build int8 without --dla-core for the GPU")
+    return None
+
+
+def _version_major(version) -> int:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return 0
 
 
 def _major(trt) -> int:
-    return int(str(trt.__version__).split(".")[0])
+    return _version_major(trt.__version__)
 
 
 def build_serialized(trt, onnx_path: Path, precision: str, input_name: str, input_shape: tuple, opts: EngineOptions,
                      log_severity=None) -> Tuple[bytes, dict]:
     """Parse ``onnx_path`` and build one serialized engine; returns (bytes, build facts for the sidecar)."""
+    problem = dla_problem(opts, precision, str(trt.__version__))
+    if problem:
+        raise EdgeconvError(problem)
     logger = trt.Logger(log_severity if log_severity is not None else trt.Logger.WARNING)
     try:
         builder = trt.Builder(logger)
@@ -229,6 +267,10 @@ def build_engines(bundle_dir, opts: EngineOptions, quiet: bool = False) -> List[
             raise EdgeconvError(f"bundle {bundle.root} has no {p} ONNX model to build an engine from; export it with --precision {p}")
         sources[p] = bundle.artifact("onnx", p, variant="tensorrt")
     trt = require_tensorrt()
+    for p in opts.precisions:  # what this TensorRT cannot build on DLA is refused before the first engine is built
+        problem = dla_problem(opts, p, str(trt.__version__))
+        if problem:
+            raise EdgeconvError(problem)
     input_name = bundle.manifest.input.get("name", "input")
     input_shape = tuple(bundle.preprocess.input_shape)
     root = Path(bundle.root)
