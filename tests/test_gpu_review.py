@@ -208,3 +208,28 @@ def test_build_engine_cli_refuses_dla_with_the_default_profile_in_one_line(tmp_p
     assert r.returncode != 0 and r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "--dla-core 0" in lines[0] and "--batch N,N,N" in lines[0], r.stderr
+
+
+# ------------------------------------------------------------------------------------------- 3. INT8 needs opset 13
+def test_export_options_refuse_int8_below_opset_13():
+    from edgeconv_export.bundle import ExportOptions
+
+    with pytest.raises(EdgeconvError) as exc:
+        ExportOptions(precisions=("fp32", "int8"), opset=12).validate()
+    assert "--opset 12" in _one_line(exc) and "13" in str(exc.value)
+    ExportOptions(precisions=("fp32", "int8"), opset=13).validate()
+    ExportOptions(precisions=("fp32", "fp16"), opset=12).validate()  # float graphs still export at 12
+
+
+def test_edgeconv_export_opset_12_int8_is_refused_before_the_checkpoint_is_read(tmp_path):
+    pytest.importorskip("torch")
+    from click.testing import CliRunner
+
+    from edgeconv.cli import cli
+
+    r = CliRunner().invoke(cli, ["export", str(tmp_path / "no-run"), "--out", str(tmp_path / "b"), "--opset", "12",
+                                 "--precision", "int8"])
+    assert r.exit_code != 0
+    text = r.output.strip()
+    assert len(text.splitlines()) == 1 and "--opset 12" in text and "opset 13" in text, text
+    assert not (tmp_path / "b").exists()

@@ -72,6 +72,11 @@ class ExportOptions:
             raise EdgeconvError(f"unknown calibration method {self.calibration_method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
         if not 1 <= self.batch_min <= self.batch_opt <= self.batch_max:
             raise EdgeconvError("TensorRT profile needs 1 <= --batch-min <= --batch-opt <= --batch-max")
+        if "int8" in self.precisions and int(self.opset) < onnx_io.MIN_QUANT_OPSET:
+            # the INT8 graphs quantize weights per channel: DequantizeLinear's `axis`, unknown to the checker before 13
+            raise EdgeconvError(f"--opset {self.opset} cannot carry INT8 (per-channel QuantizeLinear/DequantizeLinear need opset "
+                                f"{onnx_io.MIN_QUANT_OPSET}); export with --opset {onnx_io.MIN_QUANT_OPSET} or newer (default "
+                                f"{onnx_io.DEFAULT_OPSET}), or without int8")
 
 
 class NormalizedImages:

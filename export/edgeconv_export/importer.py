@@ -33,7 +33,7 @@ log = logging.getLogger("edgeconv.export")
 
 LAYOUTS = ("nchw", "nhwc")
 OUTPUT_KINDS = ("logits", "probabilities")
-MIN_QUANT_OPSET = 13  # per-channel QDQ (QuantizeLinear's axis) needs opset 13
+MIN_QUANT_OPSET = onnx_io.MIN_QUANT_OPSET  # per-channel QDQ (QuantizeLinear's axis) needs opset 13
 UPGRADE_OPSET = onnx_io.DEFAULT_OPSET
 SOURCE_INPUT = "edgeconv_source_input"  # the source graph's input, once the bundle's `input` feeds it
 LOG_FLOOR = 1e-30  # probabilities -> log-probabilities: softmax(log p) == p, and log(0) stays finite

@@ -16,6 +16,7 @@ log = logging.getLogger("edgeconv.export")
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 17
+MIN_QUANT_OPSET = 13  # per-channel Q/DQ (QuantizeLinear/DequantizeLinear's `axis`) first exists in opset 13
 
 
 def export_onnx(model, input_shape: tuple, path: Path, opset: int = DEFAULT_OPSET) -> None:
