@@ -48,7 +48,7 @@ def test_cuda_provider_options_turn_tf32_off():
     assert "HEURISTIC" in _one_line(exc)
 
 
-@pytest.mark.parametrize("precision,fp16,int8", [("fp32", False, False), ("fp16", True, False), ("int8", False, True)])
+@pytest.mark.parametrize("precision,fp16,int8", [("fp32", False, False), ("fp16", True, False), ("int8", True, True)])
 def test_trt_provider_options_follow_precision_profile_and_cache(tmp_path, precision, fp16, int8):
     opts = trt_provider_options(precision, "input", (3, 224, 224), tmp_path, batch=(2, 8, 64), cache_key="model.onnx-abc")
     # onnxruntime reads TensorRT's booleans as "True"/"False": 1/0 would be refused at session creation

@@ -233,3 +233,83 @@ def test_edgeconv_export_opset_12_int8_is_refused_before_the_checkpoint_is_read(
     text = r.output.strip()
     assert len(text.splitlines()) == 1 and "--opset 12" in text and "opset 13" in text, text
     assert not (tmp_path / "b").exists()
+
+
+# --------------------------------------------------------------------------------------------------- 4. smaller ones
+def test_int8_through_the_tensorrt_provider_also_enables_fp16(tmp_path):
+    opts = trt_provider_options("int8", "input", (3, 32, 32), tmp_path)
+    assert opts["trt_int8_enable"] is True and opts["trt_fp16_enable"] is True  # float layers in FP16, not FP32
+    assert trt_provider_options("fp32", "input", (3, 32, 32), tmp_path)["trt_fp16_enable"] is False
+
+
+def test_stream_address_from_cuda_bindings_utils_where_it_exists(monkeypatch):
+    from edgeconv_runtime.backends import trt
+
+    # without cuda.bindings.utils (this machine, or cuda-python < 12.9.1): int(), as before
+    monkeypatch.setitem(sys.modules, "cuda.bindings.utils", None)
+    assert trt.native_handle_getter() is int
+    # cuda-bindings 12.9.1 / 13.0: get_cuda_native_handle, which replaces the deprecated int(obj)
+    utils = types.ModuleType("cuda.bindings.utils")
+    utils.get_cuda_native_handle = lambda obj: 0x7F00
+    monkeypatch.setitem(sys.modules, "cuda.bindings.utils", utils)
+    assert trt.native_handle_getter() is utils.get_cuda_native_handle
+
+
+# `nvidia-smi --query-gpu=compute_cap,compute_mode,driver_version,name,index --format=csv`
+# (triton-inference-server/server pull request #8070): nvidia-smi's index 0 is the TITAN V, in PCI bus order
+SMI_TWO_GPUS = """compute_cap, compute_mode, driver_version, name, index
+7.0, Default, 570.86.15, NVIDIA TITAN V, 0
+8.9, Default, 570.86.15, NVIDIA RTX 5880 Ada Generation, 1
+"""
+
+
+@pytest.fixture
+def smi_only(tmp_path, monkeypatch):
+    """gpu_info() on its nvidia-smi path: the CUDA driver cannot be loaded, nvidia-smi answers with SMI_TWO_GPUS."""
+    from edgeconv_runtime import gpu
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\ncat <<'EOF'\n{SMI_TWO_GPUS}EOF\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+
+    def no_driver():
+        raise gpu.CudaUnavailable("the CUDA driver library could not be loaded")
+
+    monkeypatch.setattr(gpu, "query_cuda", no_driver)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    gpu.gpu_info.cache_clear()
+    yield gpu.gpu_info
+    gpu.gpu_info.cache_clear()
+
+
+@pytest.mark.parametrize("visible, order, name", [
+    ("1", None, None),          # FASTEST_FIRST (CUDA's default): index 1 is not nvidia-smi's row 1
+    (None, None, None),         # nor is CUDA's ordinal 0 nvidia-smi's first row
+    ("1", "PCI_BUS_ID", "NVIDIA RTX 5880 Ada Generation"),
+    (None, "PCI_BUS_ID", "NVIDIA TITAN V"),
+    ("0", "pci_bus_id", "NVIDIA TITAN V"),
+])
+def test_nvidia_smi_index_trusted_only_in_pci_bus_order(smi_only, monkeypatch, visible, order, name):
+    if visible is not None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    if order is not None:
+        monkeypatch.setenv("CUDA_DEVICE_ORDER", order)
+    info = smi_only()
+    assert info is not None and info["source"] == "nvidia-smi"  # a GPU is there either way
+    assert info["name"] == name
+    assert info["compute_capability"] == {None: None, "NVIDIA TITAN V": "7.0", "NVIDIA RTX 5880 Ada Generation": "8.9"}[name]
+    assert info["driver"] == "570.86.15"  # one driver for every GPU
+
+
+def test_nvidia_smi_rows_alike_or_past_the_end(monkeypatch):
+    from edgeconv_runtime.gpu import parse_smi_csv, smi_row_for_cuda
+
+    alike = parse_smi_csv("name, compute_cap, index\nNVIDIA A100, 8.0, 0\nNVIDIA A100, 8.0, 1\n")
+    assert smi_row_for_cuda(alike, "1", None)["name"] == "NVIDIA A100"  # whichever CUDA takes, it is an A100
+    assert smi_row_for_cuda(alike, "2", None) is None  # past the last GPU in any order
+    two = parse_smi_csv(SMI_TWO_GPUS)
+    assert smi_row_for_cuda(two, "7", None) is None
+    assert smi_row_for_cuda(two, "bogus", None) is None

@@ -5,7 +5,7 @@ Order of sources:
    ordinal 0 is the device TensorRT and ONNX Runtime will run on; it also works on a Jetson, which has no
    ``/dev/nvidia0`` and often no ``nvidia-smi``;
 2. ``nvidia-smi``, when the driver library cannot be loaded or initialised, with ``CUDA_VISIBLE_DEVICES`` mapped to
-   the right row (an index or a ``GPU-`` UUID, possibly abbreviated);
+   the right row (a ``GPU-`` UUID, possibly abbreviated; an index only with ``CUDA_DEVICE_ORDER=PCI_BUS_ID``);
 3. the Jetson device tree (board name; compute capability from the SoC).
 
 Note: ``cuInit`` in a parent process makes CUDA unusable in children made with ``fork``; this runtime does not fork
@@ -210,10 +210,10 @@ def parse_smi_csv(text: str) -> list:
 
 
 def select_smi_row(rows: list, visible: Optional[str]) -> Optional[dict]:
-    """The nvidia-smi row that CUDA ordinal 0 is, given ``CUDA_VISIBLE_DEVICES``.
+    """The nvidia-smi row that CUDA ordinal 0 is, given ``CUDA_VISIBLE_DEVICES``, when CUDA counts in nvidia-smi's
+    PCI bus order (``CUDA_DEVICE_ORDER=PCI_BUS_ID``; smi_row_for_cuda decides when it may be asked).
 
-    Unset: the first row (CUDA orders devices fastest first unless CUDA_DEVICE_ORDER=PCI_BUS_ID, which nvidia-smi
-    cannot tell us; on one-GPU machines they agree). An index picks the row with that index; a "GPU-..." UUID, full
+    Unset: the first row. An index picks the row with that index; a "GPU-..." UUID, full
     or an unambiguous prefix, picks the row whose uuid starts with it; "MIG-GPU-<uuid>/..." picks its parent GPU.
     Anything else (empty, negative, unknown, ambiguous) selects nothing, as CUDA would see no device.
     """
@@ -230,6 +230,28 @@ def select_smi_row(rows: list, visible: Optional[str]) -> Optional[dict]:
         matches = [r for r in rows if (r.get("uuid") or "").lower().startswith(first.lower())]
         return matches[0] if len(matches) == 1 else None
     return None
+
+
+def smi_row_for_cuda(rows: list, visible: Optional[str], device_order: Optional[str]) -> Optional[dict]:
+    """The nvidia-smi row of CUDA ordinal 0, where nvidia-smi's order can be trusted to be CUDA's.
+
+    nvidia-smi numbers GPUs in PCI bus order; CUDA does too only with ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (its default,
+    FASTEST_FIRST, puts the fastest GPU first, and CUDA_VISIBLE_DEVICES indexes count in that order). So an index,
+    or no CUDA_VISIBLE_DEVICES at all, names a row only under PCI_BUS_ID, on a one-GPU machine, or where every GPU is
+    the same model (then any of them answers alike). A ``GPU-`` UUID names its row in any order. Otherwise the GPU
+    is there but which one CUDA takes is unknown: a row whose name and compute capability are None.
+    """
+    if not rows:
+        return None
+    first = (visible or "").split(",")[0].strip()
+    ordinal_order = re.fullmatch(r"\d+", first) or visible is None  # an index, or CUDA's ordinal 0 of all GPUs
+    if not ordinal_order or (device_order or "").strip().upper() == "PCI_BUS_ID" or len(rows) == 1:
+        return select_smi_row(rows, visible)
+    if visible is not None and int(first) >= len(rows):
+        return None  # past the last GPU: CUDA sees no device, whatever its order
+    if len({(r.get("name"), r.get("compute_cap")) for r in rows}) == 1:
+        return rows[0]  # all alike: whichever CUDA takes, this is its model
+    return {**rows[0], "index": None, "uuid": None, "name": None, "compute_cap": None, "memory.total": None}
 
 
 def smi_row_to_info(row: dict) -> dict:
@@ -256,7 +278,7 @@ def query_nvidia_smi(visible: Optional[str]) -> Optional[dict]:
         except (OSError, subprocess.SubprocessError):
             return None
         if out.returncode == 0:
-            row = select_smi_row(parse_smi_csv(out.stdout), visible)
+            row = smi_row_for_cuda(parse_smi_csv(out.stdout), visible, os.environ.get("CUDA_DEVICE_ORDER"))
             return smi_row_to_info(row) if row else None
         if attempt == 0 and "compute_cap" in (out.stdout + out.stderr):
             fields.remove("compute_cap")

@@ -155,7 +155,8 @@ def trt_provider_options(precision: str, input_name: str, input_shape, cache_dir
     cache = Path(cache_dir)
     return {
         "device_id": int(device_id),
-        "trt_fp16_enable": precision == "fp16",
+        # INT8 too: the layers TensorRT leaves unquantized (first/last, softmax, ...) then run in FP16, not FP32
+        "trt_fp16_enable": precision in ("fp16", "int8"),
         "trt_int8_enable": precision == "int8",
         "trt_engine_cache_enable": True,
         "trt_engine_cache_path": str(cache / "engines" / cache_key),

@@ -173,6 +173,16 @@ def _host_array(ptr: int, nbytes: int, dtype) -> np.ndarray:
     return np.frombuffer((ctypes.c_char * nbytes).from_address(ptr), dtype=dtype)
 
 
+def native_handle_getter():
+    """How to turn a cuda-python object (the stream) into the address TensorRT takes: cuda-bindings 12.9.1 and 13.0
+    deprecate ``int(obj)`` in favour of ``cuda.bindings.utils.get_cuda_native_handle``; older releases have only int."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except Exception:  # cuda-bindings before 12.9.1, or the old `cuda.cudart` layout
+        return int
+    return get_cuda_native_handle
+
+
 class TensorRTBackend(Backend):
     """A serialized engine run through TensorRT's Python API, with pinned host buffers and one CUDA stream.
 
@@ -213,6 +223,7 @@ class TensorRTBackend(Backend):
         self.profile = self._profile()
         self.max_batch = self.profile[2][0]
         self.stream = _check(self.cudart.cudaStreamCreate(), "cudaStreamCreate", self.cudart)
+        self.stream_handle = int(native_handle_getter()(self.stream))
 
     def _profile(self) -> tuple:
         """(min, opt, max) input shapes of profile 0, as the engine records them (else the sidecar, else its fixed shape)."""
@@ -267,7 +278,7 @@ class TensorRTBackend(Backend):
         _check(cr.cudaMemcpyAsync(d_in, h_in.ctypes.data, x.nbytes, cr.cudaMemcpyKind.cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync", cr)
         self.context.set_tensor_address(self.input_name, d_in)
         self.context.set_tensor_address(self.output_name, d_out)
-        if not self.context.execute_async_v3(int(stream)):
+        if not self.context.execute_async_v3(self.stream_handle):
             raise EdgeconvError(f"TensorRT could not run {self.path.name} (see TensorRT's log above)")
         _check(cr.cudaMemcpyAsync(h_out.ctypes.data, d_out, out_n * self.out_dtype.itemsize, cr.cudaMemcpyKind.cudaMemcpyDeviceToHost,
                                   stream), "cudaMemcpyAsync", cr)
