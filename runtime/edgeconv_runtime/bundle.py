@@ -5,7 +5,7 @@ import json
 import os
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -71,6 +71,9 @@ class Bundle:
     preprocess: Preprocess
     classes: List[str]
     check_hash: bool = True  # False (Model.load(check_hash=False)): files are read without comparing their sha256
+    # read_bundle(defer_hashes=True): the sha256 of every listed file is being compared on background threads
+    # (``wait_checked`` joins them and raises the first mismatch); None once joined, or when hashed at once
+    _pending: Optional["_PendingHashes"] = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -89,6 +92,7 @@ class Bundle:
         expected = files.get(rel) or next((a.sha256 for a in self.manifest.artifacts if a.file == rel), None)
         if expected is None:
             raise EdgeconvError(f"{rel} in {self.root} is not listed in its manifest.json, so it cannot be trusted; {REEXPORT}")
+        self.wait_checked()  # a file handed out to be read has been compared with its sha256
         if check_hash and self.check_hash:
             self.check_file(rel, path, expected)
         else:
@@ -129,11 +133,14 @@ class Bundle:
                 raise EdgeconvError(f"{MANIFEST_NAME} in {self.root} gives {a.file} two different sha256; {REEXPORT}")
         return out
 
-    def check_contents(self) -> None:
+    def check_contents(self, defer: bool = False) -> None:
         """The whole bundle, as it is opened: every file the manifest lists is a regular file inside the bundle that
         matches its sha256 (only its presence and kind with ``check_hash`` False), whatever precision is asked; the
         reference and every artifact's external data are listed; nothing else is there but the people-facing
         documents and the runtime's own caches: no symlink, FIFO, device or unlisted file.
+
+        ``defer``: everything but the sha256 comparisons is checked now; those run on background threads, beside
+        whatever the caller does next (Model.load: start ONNX Runtime), until ``wait_checked`` joins them.
         """
         where = f"{MANIFEST_NAME} in {self.root}"
         if self.manifest.files is None:
@@ -147,11 +154,26 @@ class Bundle:
             if not isinstance(rel, str) or rel not in listed:
                 raise EdgeconvError(f"{where} names {str(rel)[:80]!r} but gives no sha256 for it; {REEXPORT}")
         paths = [(rel, resolve_inside(self.root, rel, where), expected) for rel, expected in listed.items()]
-        for rel, path, _ in paths:
-            check_regular(path, rel, self.root)  # every kind first: a FIFO or symlink is refused before any file is read
-        if self.check_hash:
-            self._check_files(paths)
-        self._check_nothing_else(set(listed))
+        sizes = [check_regular(path, rel, self.root).st_size for rel, path, _ in paths]  # every kind first: a FIFO or symlink is refused before any file is read
+        if not (self.check_hash and defer):
+            if self.check_hash:
+                self._check_files(paths)
+            self._check_nothing_else(set(listed))
+            return
+        try:
+            self._check_nothing_else(set(listed))
+        except EdgeconvError:
+            self._check_files(paths)  # a file that fails its sha256 is the error, as when hashed at once
+            raise
+        self._pending = _PendingHashes(self, paths, sizes)
+
+    def wait_checked(self) -> None:
+        """Join the deferred sha256 comparisons (read_bundle(defer_hashes=True)); raise the first mismatch in manifest
+        order, on this call and every later one."""
+        pending = self._pending
+        if pending is not None:
+            pending.result()
+            self._pending = None
 
     def _check_files(self, paths: list) -> None:
         """Hash the files, the big ones on a few threads at once (hashlib releases the GIL); the first failure in
@@ -217,7 +239,10 @@ class Bundle:
             raise EdgeconvError(f"bundle {self.root} has no {fmt} {precision} artifact (it has {', '.join(have) or 'none'}); "
                                 f"export it with --precision {precision}")
         path = resolve_inside(self.root, a.file, f"{MANIFEST_NAME} in {self.root}")
-        if check_hash and self.check_hash:
+        # deferred (Model.load): the graph and its external data are being hashed while the backend reads them, and
+        # Model.load joins those hashes (wait_checked) before it returns a model or runs a single inference
+        deferred = self._pending is not None and check_hash and self.check_hash
+        if check_hash and self.check_hash and not deferred:
             self.check_file(a.file, path, a.sha256)
         else:
             check_regular(path, a.file, self.root)
@@ -225,16 +250,23 @@ class Bundle:
             for rel in a.details.get("external_data") or []:  # ONNX Runtime reads these beside the graph
                 if not isinstance(rel, str) or rel not in (self.manifest.files or {}):
                     raise EdgeconvError(f"{a.file} in {self.root} has external data {rel!r} that manifest.json gives no sha256 for; re-export the bundle")
-                self.path(rel)
+                if deferred:
+                    check_regular(resolve_inside(self.root, rel, f"{MANIFEST_NAME} in {self.root}"), rel, self.root)
+                else:
+                    self.path(rel)
         return path, a
 
     def has(self, fmt: str, precision: str, variant: Optional[str] = None) -> bool:
         return self.manifest.find(fmt, precision, variant) is not None
 
 
-def read_bundle(root, check_hash: bool = True, public_key=None) -> Bundle:
+def read_bundle(root, check_hash: bool = True, public_key=None, defer_hashes: bool = False) -> Bundle:
     """Open a bundle directory: its sealed manifest (signed by ``public_key``, or by the process's trusted key
-    ``--public-key`` set, when there is one) and every file it lists, checked now (``Bundle.check_contents``)."""
+    ``--public-key`` set, when there is one) and every file it lists, checked now (``Bundle.check_contents``).
+
+    ``defer_hashes`` (Model.load): the files' sha256 are compared on background threads while the caller goes on;
+    ``bundle.wait_checked()`` must be called (it raises the first mismatch) before the bundle's model is used.
+    """
     from .signing import check_signature, trusted_key
 
     root = Path(root)
@@ -248,8 +280,34 @@ def read_bundle(root, check_hash: bool = True, public_key=None) -> Bundle:
         detail = " ".join(str(exc).split())[:160]
         raise EdgeconvError(f"{root / MANIFEST_NAME} has an invalid 'preprocess' record ({type(exc).__name__}: {detail}); re-export the bundle") from exc
     bundle = Bundle(root, manifest, pre, list(manifest.classes), check_hash=check_hash)
-    bundle.check_contents()
+    bundle.check_contents(defer=defer_hashes)
     return bundle
+
+
+class _PendingHashes:
+    """Bundle.check_file of every listed file on background threads, the biggest first, one thread fewer than the
+    CPUs (the caller keeps one busy: ONNX Runtime building its session); ``result`` raises the first failure in
+    manifest order, whichever thread finished first."""
+
+    def __init__(self, bundle: Bundle, paths: list, sizes: list):
+        from concurrent.futures import ThreadPoolExecutor
+
+        order = sorted(range(len(paths)), key=lambda i: -sizes[i])
+        workers = max(1, min(4, (os.cpu_count() or 1) - 1, len(paths)))
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="edgeconv-hash")
+        futures = {i: self._pool.submit(bundle.check_file, *paths[i]) for i in order}
+        self._futures = [futures[i] for i in range(len(paths))]
+        self._pool.shutdown(wait=False)
+
+    def result(self) -> None:
+        first = None
+        for f in self._futures:
+            try:
+                f.result()
+            except EdgeconvError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
 
 def bundle_from_onnx_metadata(path: Path, metadata: dict) -> Bundle:

@@ -197,74 +197,97 @@ class Model:
         if public_key is not None and not path.is_dir():
             raise EdgeconvError(f"{src} is one file; a signature covers a whole bundle: pass the bundle directory with public_key")
         if path.is_dir():
-            bundle = read_bundle(path, check_hash=check_hash, public_key=public_key)  # every file checked now, whatever the precision
-            precision = precision or "fp32"
-            names = auto_order(precision) if backend == "auto" else (backend,)
-            stored = ARTIFACT_PRECISION.get(precision, precision)  # the artifact's precision
-            status = available_backends()
-            options = {"precision": precision, "input_name": bundle.manifest.input.get("name"), "input_shape": tuple(bundle.preprocess.input_shape),
-                       "batch_profile": batch_profile, "cache_dir": cache_dir}
-            skipped = []
-            for name in names:
-                if name not in status:
-                    raise EdgeconvError(f"unknown backend {name!r}; use one of {', '.join(status)} or auto")
-                ok, why = status[name]
-                if not ok:
-                    if backend != "auto":
-                        raise BackendUnavailable(f"backend {name} is unavailable here: {why}")
-                    skipped.append(f"{name}: {why}")
-                    continue
-                unable = precision_problem(name, precision)
-                if unable:
-                    if backend != "auto":
-                        raise BackendUnavailable(unable)
-                    skipped.append(f"{name}: {unable}")
-                    continue
-                fmt, variant = _artifact_kind(name)
-                if stored == "int8" and name in CPU_BACKENDS and bundle.has("onnx", "int8"):
-                    variant, why = cpu_int8_variant(bundle)
-                    if variant is None:
-                        return cls._fp32_instead(src, why, dict(backend=backend, threads=threads, check_hash=check_hash, spin=spin,
-                                                                         batch_profile=batch_profile, cache_dir=cache_dir, public_key=public_key))
-                missing = _missing_artifact(bundle, name, fmt, stored)
-                if missing:
-                    if backend != "auto":
-                        if bundle.has(fmt, stored):
-                            raise BackendUnavailable(missing)
-                        bundle.artifact(fmt, stored, check_hash)  # raises the precise message
-                    skipped.append(f"{name}: {missing}")
-                    continue
-                artifact, _ = bundle.artifact(fmt, stored, check_hash, variant=variant)  # an altered file is an error, not a skip
-                try:
-                    be = create_backend(name, str(artifact), threads, spin, **options)
-                except EdgeconvError as exc:  # the provider did not start, an engine for another GPU, a CUDA error
-                    if backend != "auto":
-                        raise
-                    skipped.append(f"{name}: {exc}")
-                    continue
-                except (OSError, RuntimeError, ImportError) as exc:  # a broken GPU install
-                    if name == "onnxruntime-cpu":
-                        raise
-                    reason = f"{type(exc).__name__}: {first_line(exc)}"
-                    if backend != "auto":
-                        raise BackendUnavailable(f"backend {name} could not start: {reason}") from exc
-                    skipped.append(f"{name}: {reason}")
-                    continue
-                problem = graph_mismatch(bundle, be)
-                if problem:
-                    be.close()
-                    raise EdgeconvError(problem)
-                model = cls(bundle, be, precision, artifact, time.perf_counter() - t0, info={"skipped": skipped})
-                if stored == "int8" and name in CPU_BACKENDS:
-                    model.info["int8_variant"] = variant
-                    why = _int8_mismatch(model)
-                    if why:
-                        model.close()
-                        return cls._fp32_instead(src, why, dict(backend=backend, threads=threads, check_hash=check_hash, spin=spin,
-                                                                         batch_profile=batch_profile, cache_dir=cache_dir, public_key=public_key))
-                return model
-            raise BackendUnavailable(f"no backend can run this bundle: {'; '.join(skipped)}")
-        # a single file
+            # every file checked, whatever the precision: all but the sha256 now, those on background threads while the
+            # backend starts; joined before a model is returned (or a fallback loaded), so a mismatch refuses the load
+            bundle = read_bundle(path, check_hash=check_hash, public_key=public_key, defer_hashes=True)
+            try:
+                model = cls._load_bundle(src, bundle, backend, precision, threads, check_hash, spin, batch_profile, cache_dir, public_key, t0)
+            except Exception:
+                bundle.wait_checked()  # a file that fails its sha256 is the error, not what it made the backend say
+                raise
+            try:
+                bundle.wait_checked()
+            except EdgeconvError:
+                model.close()
+                raise
+            model.load_seconds = time.perf_counter() - t0
+            return model
+        return cls._load_file(src, path, backend, precision, threads, spin, batch_profile, cache_dir, t0)
+
+    @classmethod
+    def _load_bundle(cls, src, bundle: Bundle, backend, precision, threads, check_hash, spin, batch_profile, cache_dir, public_key, t0) -> "Model":
+        precision = precision or "fp32"
+        names = auto_order(precision) if backend == "auto" else (backend,)
+        stored = ARTIFACT_PRECISION.get(precision, precision)  # the artifact's precision
+        status = available_backends()
+        options = {"precision": precision, "input_name": bundle.manifest.input.get("name"), "input_shape": tuple(bundle.preprocess.input_shape),
+                   "batch_profile": batch_profile, "cache_dir": cache_dir}
+        skipped = []
+        for name in names:
+            if name not in status:
+                raise EdgeconvError(f"unknown backend {name!r}; use one of {', '.join(status)} or auto")
+            ok, why = status[name]
+            if not ok:
+                if backend != "auto":
+                    raise BackendUnavailable(f"backend {name} is unavailable here: {why}")
+                skipped.append(f"{name}: {why}")
+                continue
+            unable = precision_problem(name, precision)
+            if unable:
+                if backend != "auto":
+                    raise BackendUnavailable(unable)
+                skipped.append(f"{name}: {unable}")
+                continue
+            fmt, variant = _artifact_kind(name)
+            if stored == "int8" and name in CPU_BACKENDS and bundle.has("onnx", "int8"):
+                variant, why = cpu_int8_variant(bundle)
+                if variant is None:
+                    bundle.wait_checked()
+                    return cls._fp32_instead(src, why, dict(backend=backend, threads=threads, check_hash=check_hash, spin=spin,
+                                                                     batch_profile=batch_profile, cache_dir=cache_dir, public_key=public_key))
+            missing = _missing_artifact(bundle, name, fmt, stored)
+            if missing:
+                if backend != "auto":
+                    if bundle.has(fmt, stored):
+                        raise BackendUnavailable(missing)
+                    bundle.artifact(fmt, stored, check_hash)  # raises the precise message
+                skipped.append(f"{name}: {missing}")
+                continue
+            artifact, _ = bundle.artifact(fmt, stored, check_hash, variant=variant)  # an altered file is an error, not a skip
+            try:
+                be = create_backend(name, str(artifact), threads, spin, **options)
+            except EdgeconvError as exc:  # the provider did not start, an engine for another GPU, a CUDA error
+                if backend != "auto":
+                    raise
+                skipped.append(f"{name}: {exc}")
+                continue
+            except (OSError, RuntimeError, ImportError) as exc:  # a broken GPU install
+                if name == "onnxruntime-cpu":
+                    raise
+                reason = f"{type(exc).__name__}: {first_line(exc)}"
+                if backend != "auto":
+                    raise BackendUnavailable(f"backend {name} could not start: {reason}") from exc
+                skipped.append(f"{name}: {reason}")
+                continue
+            problem = graph_mismatch(bundle, be)
+            if problem:
+                be.close()
+                raise EdgeconvError(problem)
+            model = cls(bundle, be, precision, artifact, time.perf_counter() - t0, info={"skipped": skipped})
+            if stored == "int8" and name in CPU_BACKENDS:
+                model.info["int8_variant"] = variant
+                why = _int8_mismatch(model)
+                if why:
+                    model.close()
+                    bundle.wait_checked()
+                    return cls._fp32_instead(src, why, dict(backend=backend, threads=threads, check_hash=check_hash, spin=spin,
+                                                                     batch_profile=batch_profile, cache_dir=cache_dir, public_key=public_key))
+            return model
+        raise BackendUnavailable(f"no backend can run this bundle: {'; '.join(skipped)}")
+
+    @classmethod
+    def _load_file(cls, src, path: Path, backend, precision, threads, spin, batch_profile, cache_dir, t0) -> "Model":
+        """A bare .onnx, or a TensorRT engine inside a bundle."""
         if path.suffix in ENGINE_SUFFIXES:
             bundle = read_bundle(path.parent)
             be = create_backend("tensorrt" if backend == "auto" else backend, str(path), threads)
