@@ -149,9 +149,9 @@ def test_fp16_is_refused_below_a_cosine_of_0_999(mnist_bundle, tmp_path):
         r = parity_report(np.load(b / "reference" / "outputs.npy"), model.run(np.load(b / "reference" / "inputs.npy")))
         assert r["top1_agreement"] == 1.0 and 0.985 < r["cosine_min"] < 0.995, r  # inside 0.9, outside 0.999
         report = model.verify()
-    assert TOLERANCES["fp16"]["cosine_min"] == 0.999 and report["tolerance"]["cosine_min"] == 0.999
     assert report["ok"] is False and len(report["problems"]) == 1 and report["problems"][0].startswith("min cosine 0.99"), report
     assert report["problems"][0].endswith("< 0.999"), report
+    assert TOLERANCES["fp16"]["cosine_min"] == 0.999 and report["tolerance"]["cosine_min"] == 0.999
     r = run([*RUNTIME, "verify", b, "--precision", "fp16", "--backend", "onnxruntime-cpu"])
     assert r.returncode != 0 and "min cosine" in r.stdout + r.stderr, (r.returncode, r.stdout[-800:], r.stderr[-800:])
     with Model.load(mnist_bundle, backend="onnxruntime-cpu", precision="fp16") as intact:
