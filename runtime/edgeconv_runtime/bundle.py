@@ -57,6 +57,22 @@ def _stamp_key(stamp: tuple) -> str:
     return hashlib.sha256(repr(stamp).encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def _stamp(path: Path, st: os.stat_result, expected: str) -> tuple:
+    return (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, expected)
+
+
+def _known(stamp: tuple) -> bool:
+    """Whether this version of a file (its stamp) was hashed and matched already: in this process, or in an earlier
+    one that recorded it in the verify cache."""
+    if stamp in _verified:
+        return True
+    cache = verify_cache_dir()
+    if cache is not None and os.path.isfile(cache / _stamp_key(stamp)):
+        _verified.add(stamp)
+        return True
+    return False
+
+
 def _atomic_temp(name: str) -> bool:
     """A manifest or signature being written this instant (fileio.atomic_write_bytes' temp file): never read."""
     return name.endswith(".tmp") and name.startswith((f".{MANIFEST_NAME}.", f".{SIGNATURE_NAME}."))
@@ -101,14 +117,11 @@ class Bundle:
 
     def check_file(self, rel: str, path: Path, expected: str) -> None:
         st = check_regular(path, rel, self.root)  # lstat: a symlink or a FIFO is refused before anything opens it
-        stamp = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, expected)
-        if stamp in _verified:
+        stamp = _stamp(path, st, expected)
+        if _known(stamp):
             return
         cache = verify_cache_dir()
         key = _stamp_key(stamp)
-        if cache is not None and os.path.isfile(cache / key):
-            _verified.add(stamp)
-            return
         started = time.time()
         try:
             digest = sha256_file(path)
@@ -154,7 +167,7 @@ class Bundle:
             if not isinstance(rel, str) or rel not in listed:
                 raise EdgeconvError(f"{where} names {str(rel)[:80]!r} but gives no sha256 for it; {REEXPORT}")
         paths = [(rel, resolve_inside(self.root, rel, where), expected) for rel, expected in listed.items()]
-        sizes = [check_regular(path, rel, self.root).st_size for rel, path, _ in paths]  # every kind first: a FIFO or symlink is refused before any file is read
+        stats = [check_regular(path, rel, self.root) for rel, path, _ in paths]  # every kind first: a FIFO or symlink is refused before any file is read
         if not (self.check_hash and defer):
             if self.check_hash:
                 self._check_files(paths)
@@ -165,7 +178,11 @@ class Bundle:
         except EdgeconvError:
             self._check_files(paths)  # a file that fails its sha256 is the error, as when hashed at once
             raise
-        self._pending = _PendingHashes(self, paths, sizes)
+        # only the files not already verified (a restart: none) go to the threads
+        todo = [(item, st.st_size) for item, st in zip(paths, stats)
+                if not _known(_stamp(item[1], st, item[2]))]
+        if todo:
+            self._pending = _PendingHashes(self, [item for item, _ in todo], [size for _, size in todo])
 
     def wait_checked(self) -> None:
         """Join the deferred sha256 comparisons (read_bundle(defer_hashes=True)); raise the first mismatch in manifest
