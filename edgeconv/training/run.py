@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from edgeconv_runtime.bench import library_versions
+from edgeconv_runtime.versions import library_versions
 from edgeconv_runtime.errors import EdgeconvError
 from edgeconv_runtime.fileio import atomic_write_json
 

@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from edgeconv_runtime.bench import library_versions
+from edgeconv_runtime.versions import library_versions
 from edgeconv_runtime.errors import EdgeconvError
 from edgeconv_runtime.fileio import atomic_directory, sha256_file
 from edgeconv_runtime.cpuclass import CPU_CLASSES, cpu_class

@@ -21,6 +21,7 @@ from .fileio import atomic_write_json, atomic_write_text
 from .gpu import gpu_info
 from .jetson import PowerSampler, jetson_facts, jetson_model
 from .plain import BenchTarget, graph_target
+from .versions import library_versions
 
 
 @dataclass
@@ -233,23 +234,6 @@ def _ram_gb() -> Optional[float]:
         return round(kb / (1 << 20), 1)
     except (OSError, StopIteration, ValueError):
         return None
-
-
-def library_versions(extra: Sequence[str] = ()) -> dict:
-    """Versions that change the figures: this runtime and every inference library present (not imported), then
-    the distributions named in ``extra`` (export and training add torch, onnx...); None for one not installed."""
-    from importlib import metadata
-
-    from . import __version__
-
-    out = {"python": platform.python_version(), "edgeconv-runtime": __version__}
-    for dist in ("edgeconv", "numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-cu12", "tensorrt-cu13", "openvino", "pillow",
-                 *extra):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 # (row key, heading, width): a row with the power column is 112 characters, inside a 120-column terminal

@@ -19,8 +19,6 @@ from .preprocess import IMAGE_SOURCE_TYPES, Preprocess, load_pixels, normalize, 
 
 # runtime precisions that run another precision's artifact: bf16 = the FP32 ONNX under OpenVINO's bf16 hint
 ARTIFACT_PRECISION = {"bf16": "fp32"}
-# verify tolerances against the PyTorch FP32 reference outputs: the one table in parity.py
-VERIFY_TOLERANCE = {p: device_tolerance(p) for p in RUNTIME_PRECISIONS}
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
