@@ -47,9 +47,10 @@ def backends_made(monkeypatch) -> list:
     return made
 
 
-def test_the_hashes_run_while_the_backend_starts_and_cover_every_file(bundle, monkeypatch):
-    """No file's hash is needed before ONNX Runtime starts: each comparison here waits until the backend is being
-    created (it would wait 20 s, then fail, were the hashes still done first), and every listed file is compared."""
+def test_the_graph_is_checked_before_the_backend_parses_it_and_the_rest_while_it_starts(bundle, monkeypatch):
+    """The graph handed to ONNX Runtime has matched its sha256 before the backend is created (nothing unchecked is
+    parsed); every other file's comparison waits here until the backend is being created (it would wait 20 s, then
+    fail, were they still done first); every listed file is compared."""
     starting = threading.Event()
     real_create = model_mod.create_backend
 
@@ -57,33 +58,36 @@ def test_the_hashes_run_while_the_backend_starts_and_cover_every_file(bundle, mo
         starting.set()
         return real_create(*args, **kwargs)
 
-    waited, checked = [], []
+    waited, checked, graph_before_backend = [], [], []
     real_check = bundle_mod.Bundle.check_file
 
     def check(self, rel, path, expected):
-        waited.append(starting.wait(20))
+        if rel == "model.onnx":
+            real_check(self, rel, path, expected)
+            graph_before_backend.append(not starting.is_set())
+        else:
+            waited.append(starting.wait(20))
+            real_check(self, rel, path, expected)
         checked.append(rel)
-        return real_check(self, rel, path, expected)
 
     monkeypatch.setattr(model_mod, "create_backend", create)
     monkeypatch.setattr(bundle_mod.Bundle, "check_file", check)
     with Model.load(bundle) as m:
         assert m.bundle._pending is None  # joined before Model.load returned
         listed = set(m.bundle.listed())
+    assert graph_before_backend == [True]
     assert waited and all(waited)
     assert sorted(checked) == sorted(listed) and "model.fp16.onnx" in listed and "reference/inputs.npy" in listed
 
 
 @pytest.mark.parametrize("at", [0, 4096, -1])
-def test_a_flipped_byte_in_the_graph_being_loaded_is_refused_by_its_sha256(bundle, monkeypatch, at):
-    """Byte 0 breaks the protobuf, so ONNX Runtime fails too: the error is still the sha256 one, not what the altered
-    file made the backend say; a backend that did start is closed."""
+def test_a_flipped_byte_in_the_graph_to_load_is_refused_before_any_backend_reads_it(bundle, monkeypatch, at):
     made = backends_made(monkeypatch)
     flip_byte(bundle / "model.onnx", at)
     with pytest.raises(EdgeconvError) as info:
         Model.load(bundle)
     assert str(info.value).startswith("model.onnx in ") and "does not match its sha256" in str(info.value)
-    assert all(be.session is None for be in made)
+    assert made == []
 
 
 def test_a_flipped_byte_in_an_artifact_not_loaded_is_refused(bundle, monkeypatch):
@@ -136,3 +140,39 @@ def test_check_hash_off_starts_no_hashing(bundle, monkeypatch):
     monkeypatch.setattr(bundle_mod, "sha256_file", lambda p: pytest.fail(f"hashed {p}"))
     with Model.load(bundle, check_hash=False) as m:
         assert m.bundle._pending is None
+
+
+@pytest.mark.parametrize("tampered", [False, True])
+def test_a_graph_still_queued_is_hashed_on_the_loading_thread_not_waited_for(bundle, monkeypatch, tampered):
+    """The hash threads are busy with bigger files (held here): the graph the backend needs next is hashed by the
+    thread that asks for it, at once, and its mismatch raised there."""
+    release = threading.Event()
+    where = {}
+    real_check = bundle_mod.Bundle.check_file
+
+    def check(self, rel, path, expected):
+        if threading.current_thread().name.startswith("edgeconv-hash"):
+            release.wait(20)
+        where[rel] = threading.current_thread().name
+        return real_check(self, rel, path, expected)
+
+    monkeypatch.setattr(bundle_mod.Bundle, "check_file", check)
+    if tampered:
+        flip_byte(bundle / "model.int8.trt.onnx", -1)
+    b = read_bundle(bundle, defer_hashes=True)
+    try:
+        if tampered:
+            with pytest.raises(EdgeconvError, match="model.int8.trt.onnx in .* does not match its sha256"):
+                b.artifact("onnx", "int8", variant="tensorrt")
+        else:
+            path, a = b.artifact("onnx", "int8", variant="tensorrt")
+            assert a.file == "model.int8.trt.onnx" == path.name
+        assert where["model.int8.trt.onnx"] == threading.main_thread().name and not release.is_set()
+    finally:
+        release.set()
+    if tampered:
+        with pytest.raises(EdgeconvError, match="model.int8.trt.onnx in .* does not match its sha256"):
+            b.wait_checked()
+    else:
+        b.wait_checked()
+        assert set(where) == set(b.listed())

@@ -256,21 +256,23 @@ class Bundle:
             raise EdgeconvError(f"bundle {self.root} has no {fmt} {precision} artifact (it has {', '.join(have) or 'none'}); "
                                 f"export it with --precision {precision}")
         path = resolve_inside(self.root, a.file, f"{MANIFEST_NAME} in {self.root}")
-        # deferred (Model.load): the graph and its external data are being hashed while the backend reads them, and
-        # Model.load joins those hashes (wait_checked) before it returns a model or runs a single inference
-        deferred = self._pending is not None and check_hash and self.check_hash
-        if check_hash and self.check_hash and not deferred:
-            self.check_file(a.file, path, a.sha256)
+        # deferred (Model.load): the graph (and its external data) is compared with its sha256 before it is handed to
+        # a backend to parse, by a hash thread or here, whichever comes first; the other files' comparisons go on
+        # beside the backend's start, and Model.load joins them before it returns a model
+        pending = self._pending if check_hash and self.check_hash else None
+        if check_hash and self.check_hash:
+            if pending is None or not pending.wait_for(a.file):
+                self.check_file(a.file, path, a.sha256)
         else:
             check_regular(path, a.file, self.root)
         if check_hash:
             for rel in a.details.get("external_data") or []:  # ONNX Runtime reads these beside the graph
                 if not isinstance(rel, str) or rel not in (self.manifest.files or {}):
                     raise EdgeconvError(f"{a.file} in {self.root} has external data {rel!r} that manifest.json gives no sha256 for; re-export the bundle")
-                if deferred:
-                    check_regular(resolve_inside(self.root, rel, f"{MANIFEST_NAME} in {self.root}"), rel, self.root)
-                else:
+                if pending is None:
                     self.path(rel)
+                elif not pending.wait_for(rel):  # verified already: its stamp is looked at again
+                    self.check_file(rel, resolve_inside(self.root, rel, f"{MANIFEST_NAME} in {self.root}"), self.manifest.files[rel])
         return path, a
 
     def has(self, fmt: str, precision: str, variant: Optional[str] = None) -> bool:
@@ -303,18 +305,42 @@ def read_bundle(root, check_hash: bool = True, public_key=None, defer_hashes: bo
 
 class _PendingHashes:
     """Bundle.check_file of every listed file on background threads, the biggest first, one thread fewer than the
-    CPUs (the caller keeps one busy: ONNX Runtime building its session); ``result`` raises the first failure in
-    manifest order, whichever thread finished first."""
+    CPUs (the caller keeps one busy: ONNX Runtime building its session); ``wait_for`` settles one file now (the
+    graph a backend is about to parse), ``result`` raises the first failure in manifest order, whichever thread
+    finished first."""
 
     def __init__(self, bundle: Bundle, paths: list, sizes: list):
         from concurrent.futures import ThreadPoolExecutor
 
         order = sorted(range(len(paths)), key=lambda i: -sizes[i])
         workers = max(1, min(4, (os.cpu_count() or 1) - 1, len(paths)))
+        self._bundle = bundle
+        self._paths = paths
+        self._index = {rel: i for i, (rel, _, _) in enumerate(paths)}
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="edgeconv-hash")
         futures = {i: self._pool.submit(bundle.check_file, *paths[i]) for i in order}
         self._futures = [futures[i] for i in range(len(paths))]
         self._pool.shutdown(wait=False)
+
+    def wait_for(self, rel: str) -> bool:
+        """``rel``'s comparison done (raising its mismatch), on this thread when no hash thread has started it yet;
+        False when it is not among these (already verified: the caller checks its stamp again)."""
+        from concurrent.futures import Future
+
+        i = self._index.get(rel)
+        if i is None:
+            return False
+        f = self._futures[i]
+        if f.cancel():  # still queued: hash it here rather than wait for the files ahead of it
+            f = self._futures[i] = Future()
+            try:
+                self._bundle.check_file(*self._paths[i])
+            except BaseException as exc:
+                f.set_exception(exc)
+                raise
+            f.set_result(None)
+        f.result()
+        return True
 
     def result(self) -> None:
         first = None
