@@ -147,8 +147,10 @@ def test_import_refuses_non_finite_weights_before_calibration(source, catsdogs_d
     print(f"\n{r.stderr.strip()} ({time.perf_counter() - t0:.1f} s)")
 
 
-def test_export_refuses_a_checkpoint_with_nan_weights(catsdogs_tiny, tmp_path):
-    """`edgeconv export` of a run whose weights went NaN (a diverged run): one line at the FP32 graph, before INT8 calibration."""
+@pytest.mark.parametrize("value, word", [(float("nan"), "NaN"), (float("inf"), "inf")])
+def test_export_refuses_a_checkpoint_with_nan_weights(catsdogs_tiny, tmp_path, value, word):
+    """`edgeconv export` of a run whose weights went NaN or inf (a diverged run): one line at the FP32 graph, before INT8
+    calibration (inf weights used to print warnings and go on)."""
     import torch
 
     from edgeconv.checkpoint import save_checkpoint
@@ -159,7 +161,7 @@ def test_export_refuses_a_checkpoint_with_nan_weights(catsdogs_tiny, tmp_path):
     model = create_model("chollet_mnist", num_classes=2, in_channels=3, input_size=(SIZE, SIZE))
     with torch.no_grad():
         p = next(p for p in model.parameters() if p.ndim == 4)
-        p.view(-1)[:5] = float("nan")
+        p.view(-1)[:5] = value
     pre = Preprocess(size=(SIZE, SIZE), channels=3)
     run = tmp_path / "run"
     run.mkdir()
@@ -169,7 +171,7 @@ def test_export_refuses_a_checkpoint_with_nan_weights(catsdogs_tiny, tmp_path):
     r = cli("edgeconv", "export", run, "--out", out, "--precision", "fp32,int8", "--val-data", catsdogs_tiny / "validation",
             "--calib-data", catsdogs_tiny / "train", "--calib-size", 40)
     one_line_error(r, "has non-finite weights: ")
-    assert "holds 5 NaN among its" in r.stderr and not out.exists()
+    assert f"holds 5 {word} among its" in r.stderr and not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------- absurd declared sizes

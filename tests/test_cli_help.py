@@ -23,7 +23,7 @@ def _option(name: str, flag: str) -> argparse.Action:
     return next(a for a in _sub(name)._actions if flag in a.option_strings)
 
 
-@pytest.mark.parametrize("command", ["predict", "evaluate", "verify", "bench"])
+@pytest.mark.parametrize("command", ["predict", "evaluate", "verify", "bench", "serve"])
 def test_backend_help_names_every_registered_backend(command):
     help_text = _option(command, "--backend").help or ""
     assert "openvino-cpu" in BACKENDS  # the one the help used to leave out
