@@ -60,15 +60,33 @@ TARGETS = [  # tests: one -k at most (pytest keeps only the last)
     Target("preprocess", "runtime/edgeconv_runtime/preprocess.py",
            ("Preprocess.__post_init__", "set_max_pixels", "open_image", "draft_size", "convert_mode", "resize_image", "_letterbox",
             "normalize", "check_channel_order", "bgr_to_rgb", "preprocess_images"),
-           ("tests/test_decoder.py", "tests/test_mutation_kills_preprocess.py", "-k", "not cli_names and not models_recorded")),
+           ("tests/test_decoder.py", "tests/test_mutation_kills_preprocess.py", "-k", "not cli_names and not models_recorded"),
+           {"open_image: Or -> And: w < 1 or h < 1 => w < 1 and h < 1": "equivalent with the Pillow we ship: no accepted format "
+            "opens with an empty size (PNG, BMP and JPEG headers forged to 0 x 5 and 5 x 0 are UnidentifiedImageError, the "
+            "'header is corrupt' error; a lossy WebP forged so is an OSError at open, 'cannot decode image'), so the check is a guard for a future Pillow and neither form of it is reached; the "
+            "1-pixel edge (h < 1 => h <= 1) is killed",
+            "convert_mode: 255 -> 256: 255 => 256": "equivalent: Pillow clamps the fill colour of an 8-bit image, so "
+            "Image.new('RGB', size, (256, 256, 256)) is the same (255, 255, 255) white (checked with Pillow 13.0.0); the "
+            "white itself is pinned by test_mutation_kills_preprocess (a transparent pixel becomes exactly 255, 255, 255)",
+            "open_image: Mult -> Div: DRAFT_MARGIN * 2 => DRAFT_MARGIN / 2": "equivalent with Pillow's draft(): asked for "
+            "DRAFT_MARGIN x the size needed, it picks scale min(w // ask_w, h // ask_h) and reduces only when that is >= 2 in both "
+            "directions, which is this same DRAFT_MARGIN * 2 x threshold; below it draft() keeps scale 1, a full decode with "
+            "identical pixels (checked: 252 x 256, 256 x 252, 255 x 1000 and 130 x 130 JPEGs decode the same with and without "
+            "it); the threshold itself is pinned by test_jpeg_draft_starts_at_twice_the_margin_and_keeps_both_sides"}),
     Target("v2", "runtime/edgeconv_runtime/v2.py",
            ("model_name", "_bytes_elements", "_flatten", "Protocol.check_model", "Protocol.metadata", "Protocol.json_length", "Protocol.parse",
             "Protocol.plan", "Protocol._binary_part", "Protocol._images", "Protocol._tensor_source", "Protocol.tensor", "Protocol._outputs",
             "Protocol.response"),
-           ("tests/test_mutation_kills_v2.py",)),
+           ("tests/test_mutation_kills_v2.py",),
+           {"Protocol.response: And -> Or: name == 'probabilities' and probs is None => name == 'probabilities' or probs is None":
+            "equivalent for every answer: `or` only computes the same softmax of the same logits earlier (for a 'logits' output, "
+            "where it is not used) or once more (for 'probabilities' after 'labels' made it); the values sent are identical"}),
     Target("cli", "runtime/edgeconv_runtime/cli.py",
            ("_DefaultsShown._get_help_string", "_ints", "_positive", "_list", "_check_predict", "_trust_key", "_parse", "run", "main"),
-           ("tests/test_mutation_kills_cli.py",)),
+           ("tests/test_mutation_kills_cli.py",),
+           {"run: returns None: return 2 => return None": "equivalent: unreachable; argparse accepts only the nine subcommands "
+            "(required=True) and run() returns from each of them before this last line",
+            "run: 2 -> 3: 2 => 3": "equivalent: the same unreachable last line of run() (every subcommand returns earlier)"}),
     Target("model", "runtime/edgeconv_runtime/model.py",
            ("softmax", "precision_of", "_artifact_kind", "cpu_int8_variant", "_int8_mismatch", "_missing_artifact", "graph_mismatch",
             "plain_bundle", "_is_single", "Model.load", "Model.run", "Model._bad_input", "Model.predict", "Model.evaluate", "Model.verify"),
