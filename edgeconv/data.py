@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from edgeconv_runtime.errors import EdgeconvError
+from edgeconv_runtime.imagefolder import class_folders, image_files, shown
 from edgeconv_runtime.preprocess import ACCEPTED_FORMATS, IMAGE_EXTENSIONS, Preprocess, load_pixels
 
 log = logging.getLogger("edgeconv.data")
@@ -139,13 +140,7 @@ def _idx_splits(directory: Path) -> dict:
 
 
 def _class_dirs(split_dir: Path) -> list:
-    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def shown(name) -> str:
-    """A file or folder name as printable text: bytes that are not UTF-8 (os.fsdecode's surrogate
-    escapes) become ``\\xNN``, so a label, a JSON file or an error line never fails to encode."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
+    return [p.name for p in class_folders(split_dir)]
 
 
 def _class_labels(folders: list, where: Path) -> list:
@@ -157,7 +152,7 @@ def _class_labels(folders: list, where: Path) -> list:
 
 
 def _list_images(class_dir: Path) -> list:
-    return sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return image_files(class_dir)
 
 
 def _image_folder_channels(split_dir: Path, folders: list) -> int:
@@ -475,7 +470,7 @@ def load_images_recursive(path: str, pre: Preprocess, limit: Optional[int] = Non
     root = Path(path)
     if not root.is_dir():
         raise EdgeconvError(f"image folder not found: {path}; pass a directory of real images")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = image_files(root)
     if not files:
         raise EdgeconvError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...); pass a folder of real images")
     if limit is not None and len(files) > limit:

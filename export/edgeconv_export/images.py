@@ -10,7 +10,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from edgeconv_runtime.errors import EdgeconvError
-from edgeconv_runtime.preprocess import IMAGE_EXTENSIONS, Preprocess, load_pixels, normalize
+from edgeconv_runtime.imagefolder import image_files as list_image_files
+from edgeconv_runtime.preprocess import Preprocess, load_pixels, normalize
 
 from .bundle import ExportInputs
 
@@ -27,7 +28,7 @@ def image_files(src: Images, limit: int, flag: str) -> tuple:
         root = Path(src)
         if not root.is_dir():
             raise EdgeconvError(f"{flag} folder not found: {src}; pass a directory of real images")
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = list_image_files(root)
     else:
         root, files = None, [Path(f) for f in src]
     if not files:

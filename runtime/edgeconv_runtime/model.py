@@ -389,19 +389,16 @@ class Model:
         root = Path(image_dir)
         if not root.is_dir():
             raise EdgeconvError(f"image folder not found: {image_dir}; pass a folder with one sub-folder per class")
-        from .preprocess import IMAGE_EXTENSIONS
+        from .imagefolder import class_folders, image_files, shown
 
-        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        # a folder name that is not UTF-8 matches the label training gave it (its bytes as \xNN)
-        import os
-
-        label = lambda p: os.fsencode(p.name).decode("utf-8", "backslashreplace")  # noqa: E731
+        folders = class_folders(root)
+        label = lambda p: shown(p.name)  # noqa: E731  a folder name that is not UTF-8 matches the label training gave it
         unknown = [label(p) for p in folders if label(p) not in self.classes]
         if unknown or not folders:
             raise EdgeconvError(f"{image_dir} needs sub-folders named after the model's classes {self.classes}; found {[label(p) for p in folders]}")
         per_class, correct_total, n_total, skipped = {}, 0, 0, 0
         for folder in folders:
-            files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = image_files(folder)
             target = self.classes.index(label(folder))
             correct = n = 0
             for b in range(0, len(files), batch_size):
