@@ -1,7 +1,8 @@
 """`make mutants`: mutation testing of the modules that hold our gates and guarantees (outside CI).
 
 Each mutant is one small change to one function (a comparison flipped, `and`/`or` swapped, a condition negated, a
-constant moved, an arithmetic operator swapped, a raise or a call statement removed), made in a copy of the tree;
+constant moved, an arithmetic operator swapped, a raise or a call statement removed), made in a copy of the tree; a
+target may also name a module-level constant table (parity.TOLERANCES), whose numbers are each moved both ways (x2, /2);
 the module's own tests then run against it (`pytest -x`, with a timeout). A mutant is killed when they fail.
 Writes benchmarks/results/mutation.json: per module, mutants tried, killed, survived, and each survivor
 (file:line, the change) with the reason it may stay (an equivalent mutant) or "UNEXPLAINED".
