@@ -248,11 +248,13 @@ def test_plain_onnx_files_are_read_for_what_they_say(tmp_path):
         assert needle in str(e.value), (name, str(e.value))
 
 
-@pytest.mark.xfail(strict=True, reason="found by make mutants: plain_bundle builds Preprocess(channels=1) with the 3-value "
-                   "default mean/std, so a plain grayscale ONNX file is refused with 'mean/std need 1 values each'")
 def test_a_plain_grayscale_onnx_file_loads(tmp_path):
+    """Found by make mutants: plain_bundle built Preprocess(channels=1) with the 3-value default mean/std, so a plain
+    grayscale ONNX file was refused with 'mean/std need 1 values each'."""
     with Model.load(_plain(tmp_path, "gray", ["n", 1, 8, 8], ["n", 2])) as m:
         assert m.preprocess.channels == 1 and m.info["plain"]
+        assert m.preprocess.mean == (0.0,) and m.preprocess.std == (1.0,)
+        assert len(m.predict(np.full((8, 8), 200, np.uint8)).labels) == 2  # a grayscale image runs
 
 
 def test_a_file_failing_its_sha256_after_the_backend_started_closes_it(mnist_bundle, tmp_path, monkeypatch):

@@ -129,7 +129,8 @@ def plain_bundle(path: Path, backend) -> tuple:
         raise EdgeconvError(f"{path.name} takes images of any height/width {got_in}; {fix} --size H,W")
     if len(got_out) != 2 or not isinstance(got_out[1], int):
         raise EdgeconvError(f"{path.name} outputs {got_out}, not one score per class [N, classes]; `edgeconv-runtime bench {path.name}` runs any graph")
-    pre = Preprocess(size=tuple(got_in[2:]), channels=got_in[1])
+    c = got_in[1]
+    pre = Preprocess(size=tuple(got_in[2:]), channels=c, mean=(0.0,) * c, std=(1.0,) * c)  # [0, 1] for 1 or 3 channels
     classes = [str(i) for i in range(got_out[1])]
     bundle = Bundle(path.parent, Manifest(name=path.stem, classes=classes, preprocess=pre.to_dict()), pre, classes)
     note = (f"{path.name} carries no labels or preprocessing: classes are output indices, images are stretched to "
