@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 from edgeconv_runtime.errors import EdgeconvError
-from edgeconv_runtime.preprocess import Preprocess
+from edgeconv_runtime.preprocess import Preprocess, resolve_preprocess
 
 NAMED_PREFIXES = ("torchvision:", "timm:")
 
@@ -24,12 +24,8 @@ def import_model(onnx_file: Optional[str], model_name: Optional[str], weights: O
 
 
 def named_preprocess(entry, req) -> Preprocess:
-    """The model's own preprocessing (its hub's transforms), with what the user passed on top."""
-    p = entry.preprocess
-    return Preprocess(size=req.size or entry.default_size, channels=3, resize=req.resize or p.get("resize", "stretch"),
-                      crop_pct=p.get("crop_pct", 0.875), scale=p.get("scale", 1 / 255) if req.scale is None else req.scale,
-                      mean=req.mean or p.get("mean", (0.0, 0.0, 0.0)), std=req.std or p.get("std", (1.0, 1.0, 1.0)),
-                      interpolation=p.get("interpolation", "bilinear"))
+    """The model's own preprocessing (its hub's transforms), with what the user passed on top (``resolve_preprocess``)."""
+    return resolve_preprocess(entry, None, {"size": req.size, "resize": req.resize, "scale": req.scale, "mean": req.mean, "std": req.std})
 
 
 def import_named(model_name: str, weights: Optional[str], req):

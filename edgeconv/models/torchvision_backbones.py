@@ -7,21 +7,23 @@ from ``--weights PATH``. Offline with no file is a one-line error, never a hang.
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from edgeconv_runtime.errors import EdgeconvError
+from edgeconv_runtime.preprocess import PreprocessPolicy
 
 from ._backbone import TransferBackbone
-from ._registry import backbone_entry, register_backbone, register_namespace
+from ._registry import backbone_entry, register_lazy, register_namespace
 
 DOWNLOAD_TIMEOUT_S = 20
 
-# name: (torchvision weights enum name, crop size)
+# name: (torchvision weights enum name, crop size); their preprocessing is read from the enum's IMAGENET1K_V1 transforms
 BACKBONES = {
     "mobilenet_v3_small": ("MobileNet_V3_Small_Weights", 224),
     "mobilenet_v3_large": ("MobileNet_V3_Large_Weights", 224),
@@ -118,6 +120,20 @@ def build_torchvision(name: str, num_classes: int, in_channels: int, input_size:
     return model
 
 
+def weights_preprocess(enum) -> PreprocessPolicy:
+    """The preprocessing torchvision's weights ``enum`` were evaluated with, read from its ``transforms()``."""
+    t = enum.transforms()
+    crop, resize = t.crop_size[0], t.resize_size[0]
+    return PreprocessPolicy(size=(crop, crop), channels=3, resize="shorter_center_crop", crop_pct=crop / resize, scale=1 / 255,
+                            mean=tuple(t.mean), std=tuple(t.std), interpolation="bicubic" if t.interpolation.value == "bicubic" else "bilinear")
+
+
+def weights_entry(entry_name: str, name: str, enum, description: str, build: Callable):
+    """The registry entry of torchvision's ``name`` with weights ``enum``: their size and preprocessing."""
+    pre = weights_preprocess(enum)
+    return backbone_entry(entry_name, description, build, pre.size, replace(pre, size=None))  # the size is the entry's default_size
+
+
 @lru_cache(maxsize=None)
 def resolve(name: str):
     """The registry entry for ``torchvision:NAME``: its DEFAULT weights and their preprocessing."""
@@ -126,15 +142,19 @@ def resolve(name: str):
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise EdgeconvError(f"unknown torchvision classifier {name!r}; torchvision.models.list_models() lists them")
     enum = torchvision.models.get_model_weights(name).DEFAULT
-    t = enum.transforms()
-    crop, resize = t.crop_size[0], t.resize_size[0]
-    pre = {"resize": "shorter_center_crop", "crop_pct": crop / resize, "scale": 1 / 255, "mean": tuple(t.mean), "std": tuple(t.std), "channels": 3,
-           "interpolation": "bicubic" if t.interpolation.value == "bicubic" else "bilinear"}
-    build = partial(build_torchvision, name, enum=enum)
-    return backbone_entry(f"torchvision:{name}", f"torchvision {name}, ImageNet weights ({enum}) online or --weights PATH", build, (crop, crop), pre)
+    return weights_entry(f"torchvision:{name}", name, enum, f"torchvision {name}, ImageNet weights ({enum}) online or --weights PATH",
+                         partial(build_torchvision, name, enum=enum))
 
 
-_PRE = {"resize": "shorter_center_crop", "crop_pct": 0.875, "scale": 1 / 255, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "channels": 3}
-for _name, (_enum, _res) in BACKBONES.items():
-    register_backbone(_name, f"torchvision {_name}, ImageNet weights via torchvision (online) or --weights PATH", build_torchvision, _res, _PRE)
+def short_entry(name: str):
+    """The entry of a registered short name (resnet18, ...): its IMAGENET1K_V1 weights and their own transforms."""
+    import torchvision
+
+    enum = getattr(torchvision.models, BACKBONES[name][0]).IMAGENET1K_V1
+    return weights_entry(name, name, enum, f"torchvision {name}, ImageNet weights via torchvision (online) or --weights PATH",
+                         partial(build_torchvision, name))
+
+
+for _name in BACKBONES:
+    register_lazy(_name, partial(short_entry, _name))
 register_namespace("torchvision", resolve)

@@ -22,7 +22,7 @@ import numpy as np
 from edgeconv_runtime.errors import EdgeconvError
 from edgeconv_runtime.fileio import sha256_file
 from edgeconv_runtime.plain import size_problem
-from edgeconv_runtime.preprocess import CHANNEL_ORDERS, Preprocess
+from edgeconv_runtime.preprocess import CHANNEL_ORDERS, Preprocess, PreprocessPolicy, resolve_preprocess
 
 from . import onnx as onnx_io
 from .bundle import ExportOptions, export_bundle
@@ -396,8 +396,8 @@ def build_preprocess(req: ImportRequest, channels: int, size: tuple) -> Preproce
         raise EdgeconvError(f"the model takes {channels}-channel images: --mean and --std need {channels} values each, got {len(mean)} and {len(std)}")
     if any(s == 0 for s in std):
         raise EdgeconvError("--std values must not be 0")
-    return Preprocess(size=size, channels=channels, resize=req.resize or "stretch", scale=1.0 / 255.0 if req.scale is None else req.scale,
-                      mean=mean, std=std)
+    asked = {"resize": req.resize, "scale": req.scale, "mean": mean, "std": std}
+    return resolve_preprocess(PreprocessPolicy(size=size, channels=channels), None, asked)
 
 
 # ---------------------------------------------------------------------------------------------- the import

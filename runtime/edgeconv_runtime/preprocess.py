@@ -6,13 +6,15 @@ re-typing mean/std on the device.
 """
 from __future__ import annotations
 
+import difflib
 import io
 import os
 import re
 import warnings
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -88,6 +90,90 @@ class Preprocess:
     def from_dict(cls, d: dict) -> "Preprocess":
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
+
+
+INTERPOLATIONS = ("bilinear", "bicubic")
+JPEG_DRAFT = True  # what every new model records (training, `edgeconv import` by name or from ONNX): big JPEGs decode in draft mode
+DEFAULT_SIZE = (150, 150)  # a model without a size, on data without one (the book's Keras models)
+
+
+@dataclass(frozen=True)
+class PreprocessPolicy(Mapping):
+    """A partial :class:`Preprocess`: what a model (its registry entry, its hub's weights) or the user fixes; None is "not said".
+
+    :func:`resolve_preprocess` fills the rest from the data and one set of defaults. Reads like a dict of the keys it
+    sets (``policy["mean"]``, ``policy.get("crop_pct", 0.875)``); a key no Preprocess has is refused in one line.
+    """
+
+    size: Optional[tuple] = None
+    channels: Optional[int] = None
+    resize: Optional[str] = None
+    crop_pct: Optional[float] = None
+    scale: Optional[float] = None
+    mean: Optional[tuple] = None
+    std: Optional[tuple] = None
+    interpolation: Optional[str] = None
+    jpeg_draft: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        for key in ("size", "mean", "std"):
+            if getattr(self, key) is not None:
+                object.__setattr__(self, key, tuple(getattr(self, key)))
+        if self.resize is not None and self.resize not in RESIZE_POLICIES:
+            raise EdgeconvError(f"unknown resize policy {self.resize!r}; use one of {', '.join(RESIZE_POLICIES)}")
+        if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
+            raise EdgeconvError(f"unknown interpolation {self.interpolation!r}; use one of {', '.join(INTERPOLATIONS)}")
+
+    @classmethod
+    def of(cls, value=None, what: str = "preprocess") -> "PreprocessPolicy":
+        """``value`` (a dict, a policy or None) as a policy; None values are "not said", a misspelt key is an error."""
+        if isinstance(value, cls):
+            return value
+        value = dict(value or {})
+        unknown = [k for k in value if k not in cls.__dataclass_fields__]
+        if unknown:
+            close = difflib.get_close_matches(str(unknown[0]), list(cls.__dataclass_fields__), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise EdgeconvError(f"unknown {what} key {unknown[0]!r}; {hint}the keys are {', '.join(cls.__dataclass_fields__)}")
+        return cls(**{k: v for k, v in value.items() if v is not None})
+
+    def updated(self, other) -> "PreprocessPolicy":
+        """This policy with what ``other`` (a dict or policy) says on top."""
+        return replace(self, **dict(PreprocessPolicy.of(other)))
+
+    def __getitem__(self, key):
+        value = getattr(self, key, None) if key in self.__dataclass_fields__ else None
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __iter__(self):
+        return (k for k in self.__dataclass_fields__ if getattr(self, k) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def resolve_preprocess(entry, data=None, overrides=None) -> Preprocess:
+    """The one place a model's :class:`Preprocess` is made (timm's ``resolve_data_config`` is the model).
+
+    ``entry`` is what the model says: a registry entry (its ``preprocess`` policy and ``default_size``) or a
+    :class:`PreprocessPolicy` / dict. ``data`` is what the images are (``channels``, ``native_size``; None: nothing known).
+    ``overrides`` is what the user passed (a dict or policy; None values are not passed; a misspelt key is an error).
+    Order: the user, then the model, then the data, then the defaults: size (H, W) the model's, else the data's, else
+    150x150 (a model without a size takes the data's own); channels the model's, else the data's, else 3; mean 0 and
+    std 1 per channel; stretch, crop_pct 0.875, scale 1/255, bilinear; jpeg_draft :data:`JPEG_DRAFT`.
+    """
+    policy = PreprocessPolicy.of(getattr(entry, "preprocess", entry))
+    model_size = getattr(entry, "default_size", None) or policy.size
+    asked = PreprocessPolicy.of(overrides, "preprocess override")
+    policy = policy.updated(asked)
+    size = asked.size or model_size or getattr(data, "native_size", None) or DEFAULT_SIZE
+    channels = policy.channels or getattr(data, "channels", None) or 3
+    return Preprocess(size=size, channels=channels, resize=policy.get("resize", "stretch"), crop_pct=policy.get("crop_pct", 0.875),
+                      scale=policy.get("scale", 1.0 / 255.0), mean=policy.get("mean", (0.0,) * channels),
+                      std=policy.get("std", (1.0,) * channels), interpolation=policy.get("interpolation", "bilinear"),
+                      jpeg_draft=policy.get("jpeg_draft", JPEG_DRAFT))
 
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")  # Pillow's names; nothing else is even parsed
