@@ -89,7 +89,7 @@ TARGETS = [  # tests: one -k at most (pytest keeps only the last)
             "(required=True) and run() returns from each of them before this last line",
             "run: 2 -> 3: 2 => 3": "equivalent: the same unreachable last line of run() (every subcommand returns earlier)"}),
     Target("model", "runtime/edgeconv_runtime/model.py",
-           ("softmax", "precision_of", "_artifact_kind", "cpu_int8_variant", "_int8_mismatch", "_missing_artifact", "graph_mismatch",
+           ("precision_of", "_artifact_kind", "cpu_int8_variant", "_int8_mismatch", "_missing_artifact", "graph_mismatch",
             "plain_bundle", "_is_single", "Model.load", "Model.run", "Model._bad_input", "Model.predict", "Model.evaluate", "Model.verify"),
            ("tests/test_runtime.py", "tests/test_plain_onnx.py", "tests/test_mutation_kills_model.py", "-k",
             "not cli and not never_imports and not bench")),

@@ -15,7 +15,8 @@ from bundle_helpers import copy_bundle, edit_manifest
 from edgeconv_runtime import EdgeconvError, Model
 from edgeconv_runtime.bundle import read_bundle
 from edgeconv_runtime.cpuclass import cpu_class
-from edgeconv_runtime.model import _artifact_kind, _missing_artifact, cpu_int8_variant, precision_of, softmax
+from edgeconv_runtime.model import _artifact_kind, _missing_artifact, cpu_int8_variant, precision_of
+from edgeconv_runtime.prediction import softmax
 
 CPU = "onnxruntime-cpu"  # named where a test asserts what ran: `auto` takes a GPU first where there is one
 

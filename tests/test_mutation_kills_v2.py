@@ -11,7 +11,7 @@ import pytest
 
 from edgeconv_runtime import Model
 from edgeconv_runtime.admission import HTTPError
-from edgeconv_runtime.model import softmax
+from edgeconv_runtime.prediction import softmax
 from edgeconv_runtime.v2 import MAX_IMAGES, OUTPUTS, Protocol, V2Error, _bytes_elements, _flatten, model_name
 from test_serve import jpegs
 from test_v2 import _malformed
@@ -50,7 +50,7 @@ def _infer(proto, model, body: bytes, headers: dict) -> tuple:
     plan = proto.parse(body, n)
     logits = model.preprocess_images(plan["payload"]) if plan["kind"] == "images" else proto.tensor(plan)
     logits = model.run(logits)
-    return proto.response(plan, logits, softmax)
+    return proto.response(plan, logits)
 
 
 def _img_doc(blobs, **kw) -> dict:

@@ -205,7 +205,7 @@ def _timed(model, inputs: np.ndarray, bs: int, cfg: BenchConfig) -> dict:
 
 def _end_to_end(model, jpeg_bytes: list, bs: int, cfg: BenchConfig) -> dict:
     """JPEG bytes -> labels at batch ``bs``: decode, resize, normalise, run, softmax."""
-    from .model import softmax
+    from .prediction import softmax
     from .preprocess import preprocess_images
 
     batch_bytes = [jpeg_bytes[i % len(jpeg_bytes)] for i in range(bs)]

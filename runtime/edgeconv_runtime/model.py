@@ -14,17 +14,11 @@ from .cpuclass import cpu_class
 from .errors import BackendUnavailable, EdgeconvError, first_line
 from .manifest import MANIFEST_NAME, PRECISIONS, RUNTIME_PRECISIONS, Manifest
 from .parity import PREPROCESS_MAX_ABS_DIFF, device_tolerance, parity_report, tolerance_problems
-from .prediction import Prediction
+from .prediction import predictions
 from .preprocess import IMAGE_SOURCE_TYPES, Preprocess, load_pixels, normalize, preprocess_images
 
 # runtime precisions that run another precision's artifact: bf16 = the FP32 ONNX under OpenVINO's bf16 hint
 ARTIFACT_PRECISION = {"bf16": "fp32"}
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def precision_of(path: Path) -> str:
@@ -357,7 +351,6 @@ class Model:
         items = [images] if single else list(images)
         if not items:
             raise EdgeconvError("predict() got no images")
-        k = max(1, min(top_k, len(self.classes)))
         fixed = self.info.get("fixed_batch")
         batch_size = fixed or batch_size
         results = []
@@ -366,11 +359,8 @@ class Model:
             x = self.preprocess_images(chunk, channel_order)
             if fixed and len(x) < fixed:  # a graph exported for one batch size: pad the last batch
                 x = np.concatenate([x, np.repeat(x[-1:], fixed - len(x), axis=0)])
-            probs = softmax(self.backend.infer(x)[: len(chunk)].astype(np.float64))
-            for src, p in zip(chunk, probs):
-                idx = np.argsort(-p)[:k]
-                results.append(Prediction([self.classes[i] for i in idx], [float(p[i]) for i in idx], [int(i) for i in idx],
-                                          str(src) if isinstance(src, (str, Path)) else None))
+            results += predictions(self.backend.infer(x)[: len(chunk)], self.classes, top_k,
+                                   [str(src) if isinstance(src, (str, Path)) else None for src in chunk])
         return results[0] if single else results
 
     def stream(self, source, every: int = 1, max_frames: Optional[int] = None, batch: int = 1, top_k: int = 5):

@@ -17,10 +17,9 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
-
 from .admission import Admission, Batcher, HTTPError, json_object
 from .errors import EdgeconvError
+from .prediction import predictions
 from .v2 import v2_routes
 
 log = logging.getLogger("edgeconv.serve")
@@ -180,7 +179,7 @@ def create_app(cfg: ServeConfig, model=None):
         from starlette.routing import Route
     except ImportError as exc:
         raise EdgeconvError(INSTALL_HINT) from exc
-    from .model import Model, softmax
+    from .model import Model
 
     state = {"ready": False, "verify": None}
     registry, m = _metrics()
@@ -207,12 +206,7 @@ def create_app(cfg: ServeConfig, model=None):
             else:
                 blobs = [body]
             logits = await gate.infer(len(blobs), model.preprocess_images, blobs)
-            probs = softmax(logits.astype(np.float64))
-            k = max(1, min(int(top_k), len(model.classes)))
-            preds = []
-            for p in probs:
-                idx = np.argsort(-p)[:k]
-                preds.append({"top": [{"label": model.classes[i], "index": int(i), "probability": float(p[i])} for i in idx]})
+            preds = [p.to_dict() for p in predictions(logits, model.classes, top_k)]
             m["requests"].labels("200").inc()
             m["latency"].observe(time.perf_counter() - t0)
             return JSONResponse({"model": ident, "predictions": preds})

@@ -32,6 +32,7 @@ import numpy as np
 
 from . import __version__
 from .admission import Admission, HTTPError, json_object, whole_number
+from .prediction import softmax, top_indices
 
 VERSION = "1"
 IMAGE_INPUT = "image"
@@ -291,7 +292,7 @@ class Protocol:
         return out
 
     # ------------------------------------------------------------------ responses
-    def response(self, plan: dict, logits: np.ndarray, softmax) -> tuple:
+    def response(self, plan: dict, logits: np.ndarray) -> tuple:
         """(JSON header bytes, binary tail) of the answer."""
         logits = logits.astype(np.float32, copy=False)
         probs = None
@@ -299,15 +300,15 @@ class Protocol:
         for name, binary, k in plan["outputs"]:
             if name == "labels":
                 if probs is None:
-                    probs = softmax(logits.astype(np.float64))
+                    probs = softmax(logits)
                 values, dtype = [self.classes[i] for i in probs.argmax(1)], "BYTES"
                 shape = [len(values)]
             else:
                 if name == "probabilities" and probs is None:
-                    probs = softmax(logits.astype(np.float64))
+                    probs = softmax(logits)
                 t = logits if name == "logits" else probs.astype(np.float32)
                 if k:  # Triton's classification extension: "value:index:label", highest first
-                    idx = np.argsort(-t, axis=1, kind="stable")[:, :k]
+                    idx = top_indices(t, k)
                     values = [f"{t[r, i]:f}:{i}:{self.classes[i]}" for r in range(len(t)) for i in idx[r]]
                     dtype, shape = "BYTES", [len(t), k]
                 else:
@@ -332,8 +333,6 @@ def v2_routes(*, model, gate: Admission, state: dict, registry, ident: dict) -> 
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
-
-    from .model import softmax
 
     proto = Protocol(model, model.bundle.manifest.input.get("name") or "input", ident, gate.cfg.max_json_bytes)
     requests = Counter("edgeconv_v2_infer_requests", "HTTP requests to /v2/models/.../infer by status", ["status"], registry=registry)
@@ -382,7 +381,7 @@ def v2_routes(*, model, gate: Admission, state: dict, registry, ident: dict) -> 
                 logits = await gate.infer(plan["n"], model.preprocess_images, plan["payload"])
             else:
                 logits = await gate.infer(plan["n"], proto.tensor, plan)
-            head, tail = proto.response(plan, logits, softmax)
+            head, tail = proto.response(plan, logits)
             latency.observe(time.perf_counter() - t0)
             if not tail:
                 return Response(head, media_type="application/json")
