@@ -1,5 +1,4 @@
 """Export --force: a kill at any step of the final swap leaves --out with the complete old or the complete new bundle."""
-import json
 import os
 import shutil
 import subprocess

@@ -3,7 +3,6 @@ accuracy-aware fallback, the CPU-class choice at load, the per-layer report."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,7 +14,6 @@ from edgeconv_export import int8
 from edgeconv_export.precision import Int8Writer, fit_to_budget
 from edgeconv_runtime import Model
 from edgeconv_runtime.cpuclass import ENV_OVERRIDE, cpu_class
-from edgeconv_runtime.errors import EdgeconvError
 
 
 class SamePadNet(torch.nn.Module):

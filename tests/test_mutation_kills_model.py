@@ -3,7 +3,6 @@ which artifact a backend and precision take, the INT8 graph validated for this C
 checked against its manifest, predict's top-k and batches, evaluate's folders and skips, and load's refusals.
 In-process and quick: `make mutants` runs these with test_runtime.py once per mutant."""
 import hashlib
-import json
 import shutil
 from pathlib import Path
 
