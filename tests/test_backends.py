@@ -21,6 +21,7 @@ import pytest
 
 from edgeconv_runtime import BackendUnavailable, EdgeconvError, Model, available_backends
 from edgeconv_runtime import backends as backends_mod
+from edgeconv_runtime.backends import ort as ort_mod
 from edgeconv_runtime.backends import AUTO_ORDER, create_backend
 from edgeconv_runtime.backends.ort import (
     DEFAULT_BATCH_PROFILE, OrtBackend, check_batch_profile, cuda_provider_options, default_trt_cache_dir, provider_list,
@@ -163,8 +164,8 @@ def test_auto_skips_a_provider_that_fails_to_start_and_a_named_one_raises(mnist_
         pytest.skip("this onnxruntime build has the CUDA provider: it would really start here")
     # The status probe is told the CUDA provider is there; the session then really fails to start it
     # (this onnxruntime build has none) and silently falls back to the CPU, as a GPU build does without CUDA.
-    real = backends_mod.ort_provider_status
-    monkeypatch.setattr(backends_mod, "ort_provider_status",
+    real = ort_mod.ort_provider_status  # each ONNX Runtime backend's status() asks it for its provider
+    monkeypatch.setattr(ort_mod, "ort_provider_status",
                         lambda p: (True, "ok") if p == "CUDAExecutionProvider" else real(p))
     with pytest.warns(UserWarning):
         model = Model.load(mnist_bundle, precision="fp32")

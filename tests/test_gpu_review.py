@@ -146,7 +146,7 @@ def test_verify_json_stays_json_on_an_onnxruntime_that_refuses_use_tf32(mnist_bu
         import sys, warnings
         import onnxruntime as ort
         from onnxruntime.capi import onnxruntime_inference_collection as collection
-        from edgeconv_runtime import backends
+        from edgeconv_runtime.backends import ort as backends  # each ONNX Runtime backend's status() asks its ort_provider_status
         from edgeconv_runtime.cli import main
 
         warnings.simplefilter("ignore")

@@ -8,17 +8,15 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .backends import auto_order, available_backends, create_backend, precision_problem
+from .backends import CPU_BACKENDS, backend_for_file, create_backend  # noqa: F401  CPU_BACKENDS: imported from here before
+from .backends.select import CPU_INT8_VARIANTS, cpu_int8_variant, graph_mismatch, graph_shapes, select_backend  # noqa: F401
+from .backends.select import artifact_kind as _artifact_kind, missing_artifact as _missing_artifact  # noqa: F401  the old names
 from .bundle import ENGINE_SUFFIXES, Bundle, bundle_from_onnx_metadata, read_bundle
-from .cpuclass import cpu_class
-from .errors import BackendUnavailable, EdgeconvError, first_line
+from .errors import EdgeconvError
 from .manifest import MANIFEST_NAME, PRECISIONS, RUNTIME_PRECISIONS, Manifest
 from .parity import PREPROCESS_MAX_ABS_DIFF, device_tolerance, parity_report, tolerance_problems
 from .prediction import predictions
 from .preprocess import IMAGE_SOURCE_TYPES, Preprocess, load_pixels, normalize, preprocess_images
-
-# runtime precisions that run another precision's artifact: bf16 = the FP32 ONNX under OpenVINO's bf16 hint
-ARTIFACT_PRECISION = {"bf16": "fp32"}
 
 
 def precision_of(path: Path) -> str:
@@ -26,93 +24,10 @@ def precision_of(path: Path) -> str:
     return next((p for p in parts if p in PRECISIONS), "fp32")
 
 
-
-def _artifact_kind(backend: str) -> tuple:
-    """(format, variant) of the artifact a backend runs: TensorRT takes the graph made for it where the bundle has one."""
-    if backend == "tensorrt":
-        return "tensorrt", "tensorrt"
-    return "onnx", ("tensorrt" if backend == "onnxruntime-tensorrt" else None)
-
-
-CPU_BACKENDS = ("onnxruntime-cpu", "openvino-cpu")  # where INT8 sums depend on the CPU's instructions (cpuclass.py)
-CPU_INT8_VARIANTS = ("default", "portable")  # the default graph first: it is the faster where it is valid
-
-
-def cpu_int8_variant(bundle: Bundle) -> tuple:
-    """(variant, None) of the INT8 graph validated for this CPU's class, or (None, why) when there is none.
-    Graphs from before the manifest recorded classes count as validated (they were the only INT8 graph)."""
-    here = cpu_class()
-    for variant in CPU_INT8_VARIANTS:
-        a = bundle.manifest.find("onnx", "int8", variant)
-        if a is not None and a.variant == variant and here in a.details.get("validated_cpu_classes", [here]):
-            return variant, None
-    have = {a.file: a.details.get("validated_cpu_classes") for a in bundle.manifest.artifacts if a.precision == "int8" and a.variant in CPU_INT8_VARIANTS}
-    return None, (f"no INT8 graph of this bundle was validated on this CPU's class ({here}; "
-                  + ", ".join(f"{f}: {', '.join(c or ['?'])}" for f, c in have.items()) + ")")
-
-
-def _int8_mismatch(model: "Model") -> Optional[str]:
-    """Why a loaded INT8 model fails the bundle's reference outputs on this CPU (the `verify` tolerance), or None."""
-    ref = model.bundle.manifest.reference or {}
-    if "inputs" not in ref or "outputs" not in ref:
-        return None
-    x = np.load(model.bundle.path(ref["inputs"]), allow_pickle=False)
-    expected = np.load(model.bundle.path(ref["outputs"]), allow_pickle=False)
-    problems = tolerance_problems(parity_report(expected, model.run(x.astype(np.float32))), "int8", backend=model.backend_name)
-    return f"INT8 fails `verify` on this CPU ({'; '.join(problems)})" if problems else None
-
-
-def _missing_artifact(bundle: Bundle, backend: str, fmt: str, precision: str) -> Optional[str]:
-    """Why the bundle has nothing ``backend`` can run at ``precision``, or None."""
-    if not bundle.has(fmt, precision):
-        return f"bundle has no {fmt} {precision} artifact"
-    if backend == "onnxruntime-tensorrt" and precision == "int8" and not bundle.has("onnx", "int8", "tensorrt"):
-        # the CPU INT8 graph has uint8 activations with non-zero zero points, which TensorRT refuses
-        return ("backend onnxruntime-tensorrt needs the TensorRT-ready INT8 graph (symmetric int8), which this bundle lacks; "
-                "re-export it with this edgeconv version")
-    return None
-
-
-def _graph_shapes(backend) -> Optional[tuple]:
-    """(input shape, output shape) of the loaded graph, ints where static; None for a backend that does not tell."""
-    session = getattr(backend, "session", None)
-    if session is not None and hasattr(session, "get_inputs"):  # ONNX Runtime
-        return list(session.get_inputs()[0].shape), list(session.get_outputs()[0].shape)
-    compiled = getattr(backend, "compiled", None)
-    if compiled is not None and hasattr(compiled, "input"):  # OpenVINO: Dimension objects, static or dynamic
-
-        def dims(port) -> list:
-            return [d.get_length() if d.is_static else "?" for d in port.get_partial_shape()]
-
-        return dims(compiled.input(0)), dims(compiled.output(0))
-    return None  # a TensorRT engine: built from the bundle's own graph and gated against its reference outputs
-
-
-def graph_mismatch(bundle: Bundle, backend) -> Optional[str]:
-    """One line when the graph's input [N,C,H,W] or class count disagrees with the manifest, else None.
-
-    Read from the ONNX Runtime session or OpenVINO's compiled model (not from a TensorRT engine);
-    dimensions the graph leaves symbolic are not compared.
-    """
-    shapes = _graph_shapes(backend)
-    if shapes is None:
-        return None
-    got_in, got_out = shapes
-    want_in = tuple(bundle.preprocess.input_shape)
-    if len(got_in) != 4 or any(isinstance(g, int) and g != w for g, w in zip(got_in[1:], want_in)):
-        return (f"the model graph takes input {got_in} but manifest.json preprocess gives [N, {', '.join(map(str, want_in))}]; "
-                "the manifest does not belong to this model: re-export the bundle")
-    n = len(bundle.classes)
-    if len(got_out) != 2 or (isinstance(got_out[1], int) and got_out[1] != n):
-        return (f"the model graph outputs {got_out} but manifest.json lists {n} classes; "
-                "the manifest does not belong to this model: re-export the bundle")
-    return None
-
-
 def plain_bundle(path: Path, backend) -> tuple:
     """(bundle, info) for an ONNX file without labels or preprocessing: classes are the output indices, images are
     stretched to the graph's size and scaled to [0, 1]. Refused in one line where the graph is no NCHW image classifier."""
-    shapes = _graph_shapes(backend)
+    shapes = graph_shapes(backend)
     got_in, got_out = shapes if shapes else ([], [])
     fix = f"give it labels and preprocessing with `edgeconv import {path.name} ...`"
     if len(got_in) == 4 and got_in[3] in (1, 3) and got_in[1] not in (1, 3):
@@ -175,119 +90,50 @@ class Model:
 
         ``backend="auto"`` tries the backends fastest first and takes the first that starts with an artifact
         of the bundle; each one passed over, and why, is listed in ``model.info["skipped"]``. A named backend
-        raises its own error instead. ``spin=False`` lets idle CPU inference threads sleep (for servers
-        sharing their cores). ``batch_profile`` (MIN, OPT, MAX; default 1, 8, 32) and ``cache_dir`` (default
+        raises its own error instead (backends/select.py). ``spin=False`` lets idle CPU inference threads sleep (for
+        servers sharing their cores). ``batch_profile`` (MIN, OPT, MAX; default 1, 8, 32) and ``cache_dir`` (default
         ``<bundle>/.trt_cache``, or ``~/.cache/edgeconv/trt`` when the bundle is read-only) configure ONNX
         Runtime's TensorRT provider. ``with Model.load(...) as m:`` closes the model at the end. ``public_key``
         (an Ed25519 PEM file): refuse a bundle its owner did not sign (``manifest.sig``).
         """
-        t0 = time.perf_counter()
-        path = Path(src)
+        t0, path = time.perf_counter(), Path(src)
         if not path.exists():
             raise EdgeconvError(f"model not found: {src}; pass a bundle directory written by `edgeconv export`")
         if precision is not None and precision not in RUNTIME_PRECISIONS:
             raise EdgeconvError(f"unknown precision {precision!r}; use one of {', '.join(RUNTIME_PRECISIONS)}")
         if public_key is not None and not path.is_dir():
             raise EdgeconvError(f"{src} is one file; a signature covers a whole bundle: pass the bundle directory with public_key")
-        if path.is_dir():
-            # every file checked, whatever the precision: all but the sha256 now, those on background threads while the
-            # backend starts; joined before a model is returned (or a fallback loaded), so a mismatch refuses the load
-            bundle = read_bundle(path, check_hash=check_hash, public_key=public_key, defer_hashes=True)
-            try:
-                model = cls._load_bundle(src, bundle, backend, precision, threads, check_hash, spin, batch_profile, cache_dir, public_key, t0)
-            except Exception:
-                bundle.wait_checked()  # a file that fails its sha256 is the error, not what it made the backend say
-                raise
-            try:
-                bundle.wait_checked()
-            except EdgeconvError:
-                model.close()
-                raise
-            model.load_seconds = time.perf_counter() - t0
-            return model
-        return cls._load_file(src, path, backend, precision, threads, spin, batch_profile, cache_dir, t0)
-
-    @classmethod
-    def _load_bundle(cls, src, bundle: Bundle, backend, precision, threads, check_hash, spin, batch_profile, cache_dir, public_key, t0) -> "Model":
-        precision = precision or "fp32"
-        names = auto_order(precision) if backend == "auto" else (backend,)
-        stored = ARTIFACT_PRECISION.get(precision, precision)  # the artifact's precision
-        status = available_backends()
-        options = {"precision": precision, "input_name": bundle.manifest.input.get("name"), "input_shape": tuple(bundle.preprocess.input_shape),
-                   "batch_profile": batch_profile, "cache_dir": cache_dir}
-        skipped = []
-        for name in names:
-            if name not in status:
-                raise EdgeconvError(f"unknown backend {name!r}; use one of {', '.join(status)} or auto")
-            ok, why = status[name]
-            if not ok:
-                if backend != "auto":
-                    raise BackendUnavailable(f"backend {name} is unavailable here: {why}")
-                skipped.append(f"{name}: {why}")
-                continue
-            unable = precision_problem(name, precision)
-            if unable:
-                if backend != "auto":
-                    raise BackendUnavailable(unable)
-                skipped.append(f"{name}: {unable}")
-                continue
-            fmt, variant = _artifact_kind(name)
-            if stored == "int8" and name in CPU_BACKENDS and bundle.has("onnx", "int8"):
-                variant, why = cpu_int8_variant(bundle)
-                if variant is None:
-                    bundle.wait_checked()
-                    return cls._fp32_instead(src, why, dict(backend=backend, threads=threads, check_hash=check_hash, spin=spin,
-                                                                     batch_profile=batch_profile, cache_dir=cache_dir, public_key=public_key))
-            missing = _missing_artifact(bundle, name, fmt, stored)
-            if missing:
-                if backend != "auto":
-                    if bundle.has(fmt, stored):
-                        raise BackendUnavailable(missing)
-                    bundle.artifact(fmt, stored, check_hash)  # raises the precise message
-                skipped.append(f"{name}: {missing}")
-                continue
-            artifact, _ = bundle.artifact(fmt, stored, check_hash, variant=variant)  # an altered file is an error, not a skip
-            try:
-                be = create_backend(name, str(artifact), threads, spin, **options)
-            except EdgeconvError as exc:  # the provider did not start, an engine for another GPU, a CUDA error
-                if backend != "auto":
-                    raise
-                skipped.append(f"{name}: {exc}")
-                continue
-            except (OSError, RuntimeError, ImportError) as exc:  # a broken GPU install
-                if name == "onnxruntime-cpu":
-                    raise
-                reason = f"{type(exc).__name__}: {first_line(exc)}"
-                if backend != "auto":
-                    raise BackendUnavailable(f"backend {name} could not start: {reason}") from exc
-                skipped.append(f"{name}: {reason}")
-                continue
-            problem = graph_mismatch(bundle, be)
-            if problem:
-                be.close()
-                raise EdgeconvError(problem)
-            model = cls(bundle, be, precision, artifact, time.perf_counter() - t0, info={"skipped": skipped})
-            if stored == "int8" and name in CPU_BACKENDS:
-                model.info["int8_variant"] = variant
-                why = _int8_mismatch(model)
-                if why:
-                    model.close()
-                    bundle.wait_checked()
-                    return cls._fp32_instead(src, why, dict(backend=backend, threads=threads, check_hash=check_hash, spin=spin,
-                                                                     batch_profile=batch_profile, cache_dir=cache_dir, public_key=public_key))
-            return model
-        raise BackendUnavailable(f"no backend can run this bundle: {'; '.join(skipped)}")
+        if not path.is_dir():
+            return cls._load_file(src, path, backend, precision, threads, spin, batch_profile, cache_dir, t0)
+        # every file checked, whatever the precision: all but the sha256 now, those on background threads while the
+        # backend starts; joined before a model is returned (or a fallback loaded), so a mismatch refuses the load
+        bundle = read_bundle(path, check_hash=check_hash, public_key=public_key, defer_hashes=True)
+        try:  # create_backend read here at call time: tests wrap it
+            got = select_backend(bundle, backend, precision or "fp32", check_hash, threads, spin, batch_profile, cache_dir, create_backend)
+        except Exception:
+            bundle.wait_checked()  # a file that fails its sha256 is the error, not what it made the backend say
+            raise
+        model = (cls._fp32_instead(src, got.fp32_instead, dict(backend=backend, threads=threads, check_hash=check_hash, spin=spin,
+                                                               batch_profile=batch_profile, cache_dir=cache_dir, public_key=public_key))
+                 if got.fp32_instead else cls(bundle, got.backend, precision or "fp32", got.artifact, info=got.info))
+        try:
+            bundle.wait_checked()
+        except EdgeconvError:
+            model.close()
+            raise
+        model.load_seconds = time.perf_counter() - t0
+        return model
 
     @classmethod
     def _load_file(cls, src, path: Path, backend, precision, threads, spin, batch_profile, cache_dir, t0) -> "Model":
         """A bare .onnx, or a TensorRT engine inside a bundle."""
+        name = backend_for_file(path) if backend == "auto" else backend  # .plan: tensorrt, .onnx: onnxruntime-cpu
         if path.suffix in ENGINE_SUFFIXES:
             bundle = read_bundle(path.parent)
-            be = create_backend("tensorrt" if backend == "auto" else backend, str(path), threads)
+            be = create_backend(name, str(path), threads)
             return cls(bundle, be, precision or precision_of(path), path, time.perf_counter() - t0)
         if path.suffix != ".onnx":
             raise EdgeconvError(f"{src} is neither a bundle directory, a .onnx file nor a TensorRT engine (.plan)")
-        name = "onnxruntime-cpu" if backend == "auto" else backend
         precision = precision or precision_of(path)
         be = create_backend(name, str(path), threads, spin, precision=precision, batch_profile=batch_profile, cache_dir=cache_dir)
         try:

@@ -38,11 +38,11 @@ class PlainGraph:
     """An ONNX file run as it is by one backend (``auto``: ONNX Runtime on the CPU), at its own precision."""
 
     def __init__(self, path: Path, backend: str, precision: str, threads: Optional[int]):
-        from .backends import create_backend
+        from .backends import backend_for_file, create_backend
         from .model import precision_of
 
         own = precision_of(path)
-        name = "onnxruntime-cpu" if backend == "auto" else backend
+        name = backend_for_file(path) if backend == "auto" else backend  # .onnx: onnxruntime-cpu
         if precision != own and name not in ("onnxruntime-tensorrt",):
             raise EdgeconvError(f"{path.name} is a plain {own} graph and {name} runs it as it is; bench it with --precision {own} "
                                 f"(`edgeconv import` makes fp16 and int8 artifacts)")

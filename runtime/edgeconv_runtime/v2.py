@@ -32,6 +32,7 @@ import numpy as np
 
 from . import __version__
 from .admission import Admission, HTTPError, json_object, whole_number
+from .backends import REGISTRY
 from .prediction import softmax, top_indices
 
 VERSION = "1"
@@ -39,7 +40,8 @@ IMAGE_INPUT = "image"
 OUTPUTS = ("logits", "probabilities", "labels")
 HEADER_LENGTH = "inference-header-content-length"
 MAX_IMAGES = 64  # per request, as /v1/predict
-PLATFORMS = {"tensorrt": "tensorrt_plan", "openvino-cpu": "openvino"}  # Triton's names; ONNX Runtime's is onnxruntime_onnx
+# Triton's platform names, as each backend declares its own (triton_platform); ONNX Runtime's is onnxruntime_onnx
+PLATFORMS = {name: cls.triton_platform for name, cls in REGISTRY.items() if cls.triton_platform != "onnxruntime_onnx"}
 
 
 class V2Error(Exception):

@@ -27,6 +27,7 @@ INSTALL_HINT = "OpenVINO is not installed; pip install 'edgeconv-runtime[openvin
 # the runtime precision -> OpenVINO's INFERENCE_PRECISION_HINT
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 _CORE = {}
+OPENVINO_FIRST = ("bf16",)  # the precisions `auto` tries openvino-cpu before onnxruntime-cpu for
 
 
 
@@ -95,6 +96,40 @@ class OpenVinoBackend(Backend):
     """An ONNX file compiled by OpenVINO for the CPU, one inference request, latency-tuned."""
 
     name = "openvino-cpu"
+    precisions = ("fp32", "bf16", "int8")  # bf16 = the FP32 graph in OpenVINO's bf16 mode
+    artifact_precision = {"bf16": "fp32"}
+    triton_platform = "openvino"
+    extra = "openvino"
+    auto_rank = 50.0  # after onnxruntime-cpu: measured no faster for fp32 / int8 (see auto_rank_for)
+    cpu = True
+
+    @classmethod
+    def status(cls) -> tuple:
+        return openvino_status()
+
+    @classmethod
+    def auto_rank_for(cls, precision: str) -> float:
+        # before onnxruntime-cpu only where it measured faster (x86-64 with AVX-512, 2 threads, one quiet run each:
+        # benchmarks/results/backends.md, openvino_vs_ort_mnist.json):
+        # - bf16 runs on nothing else (efficientnet_lite0 1.68x ONNX Runtime FP32 at batch 1, 1.84x at 32);
+        # - int8: lite0 1.04x ONNX Runtime INT8 at batch 1, 1.12x at 32, but chollet_mnist 0.52x at batch 1 (p50 0.080 vs
+        #   0.042 ms) and 1.30x at 32: not consistently faster, so ONNX Runtime stays first;
+        # - fp32: lite0 0.96x / 0.90x, chollet_mnist 0.63x / 0.80x; fp16 is ONNX Runtime's (openvino-cpu does not run it).
+        return 35.0 if precision in OPENVINO_FIRST else cls.auto_rank
+
+    @classmethod
+    def create(cls, path: str, threads: Optional[int] = None, spin: bool = True, precision: str = "fp32", **_) -> "OpenVinoBackend":
+        return cls(path, threads=threads, precision=precision)
+
+    def io_shapes(self) -> Optional[tuple]:
+        compiled = self.compiled
+        if compiled is None:
+            return None
+
+        def dims(port) -> list:  # Dimension objects, static or dynamic
+            return [d.get_length() if d.is_static else "?" for d in port.get_partial_shape()]
+
+        return dims(compiled.input(0)), dims(compiled.output(0))
 
     def __init__(self, path: str, threads: Optional[int] = None, precision: str = "fp32"):
         if precision not in PRECISION_HINTS:

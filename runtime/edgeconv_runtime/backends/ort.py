@@ -18,8 +18,6 @@ from ..gpu import gpu_info
 from ..manifest import PRECISIONS
 from .base import Backend
 
-_NAMES = {"CPUExecutionProvider": "onnxruntime-cpu", "CUDAExecutionProvider": "onnxruntime-cuda", "TensorrtExecutionProvider": "onnxruntime-tensorrt"}
-
 
 def ort_provider_status(provider: str) -> tuple:
     """(usable, reason): a missing, broken or mixed CPU+GPU onnxruntime install is named with the command that fixes it."""
@@ -266,6 +264,8 @@ def _closed(*args, **kwargs):
 class OrtBackend(Backend):
     """A model run by ONNX Runtime with one execution provider (CPU, CUDA or TensorRT)."""
 
+    provider = "CPUExecutionProvider"  # the subclasses' default; ``OrtBackend(path, provider=...)`` picks any
+
     def __init__(self, path: str, provider: str = "CPUExecutionProvider", threads: Optional[int] = None, spin: bool = True,
                  precision: str = "fp32", input_name: Optional[str] = None, input_shape=None, batch_profile=DEFAULT_BATCH_PROFILE,
                  cache_dir=None, device_id: int = 0, arena: bool = True):
@@ -273,7 +273,8 @@ class OrtBackend(Backend):
         arena, which keeps what the largest run needed (training's frozen parts run beside PyTorch)."""
         import onnxruntime as ort
 
-        self.name = _NAMES.get(provider, provider)
+        # the backend name of this provider, as the subclass for it declares (OrtBackend(path, provider=...) is one too)
+        self.name = next((c.name for c in OrtBackend.__subclasses__() if c.provider == provider), provider)
         self.provider = provider
         self.path = str(path)
         self.session = None
@@ -365,6 +366,23 @@ class OrtBackend(Backend):
                 f"CUDA 12 / cuDNN 9 libraries it needs are missing or do not match{preload}); install them "
                 "(pip install 'onnxruntime-gpu[cuda,cudnn]') or use --backend onnxruntime-cpu")
 
+    # ---- declarations: the three providers are three backends (OrtCpuBackend, OrtCudaBackend, OrtTensorrtBackend below)
+    @classmethod
+    def status(cls) -> tuple:
+        return ort_provider_status(cls.provider)
+
+    @classmethod
+    def create(cls, path: str, threads: Optional[int] = None, spin: bool = True, precision: str = "fp32", input_name=None,
+               input_shape=None, batch_profile=None, cache_dir=None, **_) -> "OrtBackend":
+        return cls(path, provider=cls.provider, threads=threads, spin=spin, precision=precision, input_name=input_name,
+                   input_shape=input_shape, batch_profile=batch_profile or DEFAULT_BATCH_PROFILE, cache_dir=cache_dir)
+
+    def io_shapes(self) -> Optional[tuple]:
+        session = self.session
+        if session is None or not hasattr(session, "get_inputs"):
+            return None
+        return list(session.get_inputs()[0].shape), list(session.get_outputs()[0].shape)
+
     def infer(self, x: np.ndarray) -> np.ndarray:
         return self._run(self.output_names, {self.input_name: x})[0]
 
@@ -387,3 +405,42 @@ class OrtBackend(Backend):
         if self.dropped_options:
             d["dropped_options"] = list(self.dropped_options)
         return d
+
+
+class OrtCpuBackend(OrtBackend):
+    """ONNX Runtime on the CPU: every install has it."""
+
+    name = "onnxruntime-cpu"
+    provider = "CPUExecutionProvider"
+    auto_rank = 40.0
+    cpu = True
+    base = True
+    file_suffixes = (".onnx",)
+
+
+class OrtCudaBackend(OrtBackend):
+    """ONNX Runtime's CUDA execution provider (onnxruntime-gpu)."""
+
+    name = "onnxruntime-cuda"
+    provider = "CUDAExecutionProvider"
+    extra = None  # no extra on purpose: onnxruntime-gpu replaces onnxruntime (runtime/pyproject.toml, ortbuild.py)
+    auto_rank = 30.0
+
+
+class OrtTensorrtBackend(OrtBackend):
+    """ONNX Runtime's TensorRT execution provider: the graph made for TensorRT where the bundle has one."""
+
+    name = "onnxruntime-tensorrt"
+    provider = "TensorrtExecutionProvider"
+    extra = None  # as onnxruntime-cuda: onnxruntime-gpu replaces onnxruntime
+    artifact_variant = "tensorrt"
+    auto_rank = 20.0
+
+    @classmethod
+    def missing_artifact(cls, bundle, precision: str) -> Optional[str]:
+        missing = super().missing_artifact(bundle, precision)
+        if missing is None and precision == "int8" and not bundle.has("onnx", "int8", "tensorrt"):
+            # the CPU INT8 graph has uint8 activations with non-zero zero points, which TensorRT refuses
+            return ("backend onnxruntime-tensorrt needs the TensorRT-ready INT8 graph (symmetric int8), which this bundle lacks; "
+                    "re-export it with this edgeconv version")
+        return missing

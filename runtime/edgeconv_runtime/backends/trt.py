@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import BackendUnavailable, EdgeconvError, first_line
 from ..gpu import gpu_info
+from ..manifest import ENGINE_SUFFIXES
 from .base import Backend
 
 HINT = "pip install 'edgeconv-runtime[tensorrt-cu12]' on a machine with an NVIDIA GPU, or JetPack's system TensorRT on a Jetson"
@@ -190,6 +191,18 @@ class TensorRTBackend(Backend):
     """
 
     name = "tensorrt"
+    artifact_format = "tensorrt"  # a serialized engine (build-engine), not an ONNX graph
+    artifact_variant = "tensorrt"
+    triton_platform = "tensorrt_plan"
+    extra = "tensorrt-cu12"
+    auto_rank = 10.0
+    file_suffixes = ENGINE_SUFFIXES
+
+    @classmethod
+    def status(cls) -> tuple:
+        return tensorrt_status()
+
+    # io_shapes(): None, an engine is built from the bundle's own graph and gated against its reference outputs
 
     def __init__(self, path: str, threads: Optional[int] = None):
         self.context = self.engine = self.runtime = self.stream = None
