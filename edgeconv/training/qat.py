@@ -605,9 +605,9 @@ def qat_from_run(run_dir: str | Path, settings: QatSettings, dataset=None) -> di
     if settings.threads:
         torch.set_num_threads(settings.threads)
     if dataset is None:
-        from .run import _load_data
+        from .datasets import load_training_data
 
-        dataset = _load_data(cfg)
+        dataset = load_training_data(cfg)
     model, pre = ckpt.model_from_checkpoint(ck)
     if list(dataset.classes) != list(ck["classes"]):
         raise EdgeconvError(f"{cfg.data} now has classes {dataset.classes}, but {path} was trained on {ck['classes']}")

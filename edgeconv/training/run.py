@@ -18,10 +18,11 @@ from edgeconv_runtime.fileio import atomic_write_json
 
 from .. import checkpoint as ckpt
 from .. import distributed as ddp
-from ..data import Dataset, inspect_source, load_dataset, shown
+from ..data import Dataset, shown
 from ..model_card import write_model_card
-from ..models import build_preprocess, count_parameters, create_model, get_model_entry
+from ..models import count_parameters, create_model, get_model_entry
 from .config import TrainConfig
+from .datasets import load_training_data
 from .loaders import InMemoryLoader
 from .loop import evaluate
 from .rundir import load_state, plot_history, prepare_out, seed_everything, write_history, write_shard_record
@@ -77,7 +78,7 @@ def _train(config: TrainConfig, dataset: Optional[Dataset], resume: bool, ctx: d
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
-    dataset = dataset if dataset is not None else _load_data(cfg)
+    dataset = dataset if dataset is not None else load_training_data(cfg)
     load_seconds = time.perf_counter() - t0
     job = _make_job(cfg, dataset, out, ctx, state)
     result = STRATEGY_FUNCTIONS[cfg.strategy](job)
@@ -112,12 +113,6 @@ def _resolve(config: TrainConfig, resume: bool, ctx: ddp.DistContext) -> tuple:
     if cfg.strategy != "scratch":
         raise EdgeconvError(f"--resume continues training from scratch; a {cfg.strategy} run is quick to rerun, so start it again")
     return cfg, Path(config.out), state
-
-
-def _load_data(cfg: TrainConfig) -> Dataset:
-    info = inspect_source(cfg.data)
-    pre = build_preprocess(cfg.model, info, cfg.size, cfg.resize)
-    return load_dataset(cfg.data, pre, test_data=cfg.test_data, val_fraction=cfg.val_fraction, seed=cfg.seed, info=info)
 
 
 def _model_kwargs(cfg: TrainConfig) -> dict:
