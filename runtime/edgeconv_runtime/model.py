@@ -8,59 +8,16 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .backends import CPU_BACKENDS, backend_for_file, create_backend  # noqa: F401  CPU_BACKENDS: imported from here before
-from .backends.select import CPU_INT8_VARIANTS, cpu_int8_variant, graph_mismatch, graph_shapes, select_backend  # noqa: F401
+from .backends import backend_for_file, create_backend
+from .backends.select import cpu_int8_variant, select_backend  # noqa: F401  cpu_int8_variant: imported from here before
 from .backends.select import artifact_kind as _artifact_kind, missing_artifact as _missing_artifact  # noqa: F401  the old names
-from .bundle import ENGINE_SUFFIXES, Bundle, bundle_from_onnx_metadata, read_bundle
+from .bundle import ENGINE_SUFFIXES, Bundle, read_bundle
 from .errors import EdgeconvError
-from .manifest import MANIFEST_NAME, PRECISIONS, RUNTIME_PRECISIONS, Manifest
+from .manifest import RUNTIME_PRECISIONS
 from .parity import PREPROCESS_MAX_ABS_DIFF, device_tolerance, parity_report, tolerance_problems
+from .plain import onnx_file_bundle, precision_of
 from .prediction import predictions
-from .preprocess import IMAGE_SOURCE_TYPES, Preprocess, load_pixels, normalize, preprocess_images
-
-
-def precision_of(path: Path) -> str:
-    parts = path.name.lower().split(".")
-    return next((p for p in parts if p in PRECISIONS), "fp32")
-
-
-def plain_bundle(path: Path, backend) -> tuple:
-    """(bundle, info) for an ONNX file without labels or preprocessing: classes are the output indices, images are
-    stretched to the graph's size and scaled to [0, 1]. Refused in one line where the graph is no NCHW image classifier."""
-    shapes = graph_shapes(backend)
-    got_in, got_out = shapes if shapes else ([], [])
-    fix = f"give it labels and preprocessing with `edgeconv import {path.name} ...`"
-    if len(got_in) == 4 and got_in[3] in (1, 3) and got_in[1] not in (1, 3):
-        raise EdgeconvError(f"{path.name} takes NHWC input {got_in}; images are fed NCHW: {fix} --layout nhwc")
-    if len(got_in) != 4 or got_in[1] not in (1, 3):
-        raise EdgeconvError(f"{path.name} takes input {got_in}, not images [N, C, H, W]; `edgeconv-runtime bench {path.name}` runs any graph")
-    if not all(isinstance(d, int) for d in got_in[2:]):
-        raise EdgeconvError(f"{path.name} takes images of any height/width {got_in}; {fix} --size H,W")
-    if len(got_out) != 2 or not isinstance(got_out[1], int):
-        raise EdgeconvError(f"{path.name} outputs {got_out}, not one score per class [N, classes]; `edgeconv-runtime bench {path.name}` runs any graph")
-    c = got_in[1]
-    pre = Preprocess(size=tuple(got_in[2:]), channels=c, mean=(0.0,) * c, std=(1.0,) * c)  # [0, 1] for 1 or 3 channels
-    classes = [str(i) for i in range(got_out[1])]
-    bundle = Bundle(path.parent, Manifest(name=path.stem, classes=classes, preprocess=pre.to_dict()), pre, classes)
-    note = (f"{path.name} carries no labels or preprocessing: classes are output indices, images are stretched to "
-            f"{got_in[2]}x{got_in[3]} and scaled to [0, 1]; {fix}")
-    return bundle, {"plain": True, "fixed_batch": got_in[0] if isinstance(got_in[0], int) else None, "note": note}
-
-
-def _onnx_file_bundle(path: Path, backend) -> tuple:
-    """(bundle, info) for a single .onnx file: its bundle's manifest, its edgeconv metadata, or none (a plain graph)."""
-    meta = backend.session.get_modelmeta().custom_metadata_map if hasattr(backend, "session") else {}
-    info: dict = {}
-    if (path.parent / MANIFEST_NAME).is_file():
-        bundle = read_bundle(path.parent)
-    elif "edgeconv.classes" in meta:
-        bundle = bundle_from_onnx_metadata(path, meta)
-    else:
-        bundle, info = plain_bundle(path, backend)
-    problem = graph_mismatch(bundle, backend)
-    if problem:
-        raise EdgeconvError(problem)
-    return bundle, info
+from .preprocess import IMAGE_SOURCE_TYPES, load_pixels, normalize, preprocess_images
 
 
 def _is_single(images) -> bool:
@@ -137,7 +94,7 @@ class Model:
         precision = precision or precision_of(path)
         be = create_backend(name, str(path), threads, spin, precision=precision, batch_profile=batch_profile, cache_dir=cache_dir)
         try:
-            bundle, info = _onnx_file_bundle(path, be)
+            bundle, info = onnx_file_bundle(path, be)
         except EdgeconvError:
             be.close()
             raise

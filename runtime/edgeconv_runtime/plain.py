@@ -1,5 +1,6 @@
-"""Plain ONNX files (no bundle, no edgeconv metadata) for `bench`: any graph with a static or --shape-given input,
-fed random inputs or the images of --data, as trtexec and Polygraphy run them."""
+"""Single ONNX files, the one place that handles them: for `Model.load` (a file of a bundle, a file carrying edgeconv
+metadata, or a plain graph whose classes are its output indices) and for `bench` (any graph with a static or
+--shape-given input, fed random inputs or the images of --data, as trtexec and Polygraphy run them)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,7 +9,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .backends.select import graph_mismatch, graph_shapes
+from .bundle import Bundle, bundle_from_onnx_metadata, read_bundle
 from .errors import EdgeconvError
+from .manifest import MANIFEST_NAME, PRECISIONS, Manifest
+from .preprocess import Preprocess
 
 # The largest input a graph may declare (or --shape / --size ask for): a side of 8192 pixels is already far beyond
 # any classifier's input (ImageNet models take 224-600), and 3 x 8192 x 8192 float32 values are 805 MB for one image.
@@ -19,6 +24,51 @@ MAX_INPUT_ELEMENTS = 3 * MAX_INPUT_SIDE * MAX_INPUT_SIDE  # values in one input 
 
 ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64, "tensor(uint8)": np.uint8,
                "tensor(int8)": np.int8, "tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
+
+
+def precision_of(path: Path) -> str:
+    parts = path.name.lower().split(".")
+    return next((p for p in parts if p in PRECISIONS), "fp32")
+
+
+def plain_bundle(path: Path, backend) -> tuple:
+    """(bundle, info) for an ONNX file without labels or preprocessing: classes are the output indices, images are
+    stretched to the graph's size and scaled to [0, 1]. Refused in one line where the graph is no NCHW image classifier."""
+    shapes = graph_shapes(backend)
+    got_in, got_out = shapes if shapes else ([], [])
+    fix = f"give it labels and preprocessing with `edgeconv import {path.name} ...`"
+    if len(got_in) == 4 and got_in[3] in (1, 3) and got_in[1] not in (1, 3):
+        raise EdgeconvError(f"{path.name} takes NHWC input {got_in}; images are fed NCHW: {fix} --layout nhwc")
+    if len(got_in) != 4 or got_in[1] not in (1, 3):
+        raise EdgeconvError(f"{path.name} takes input {got_in}, not images [N, C, H, W]; `edgeconv-runtime bench {path.name}` runs any graph")
+    if not all(isinstance(d, int) for d in got_in[2:]):
+        raise EdgeconvError(f"{path.name} takes images of any height/width {got_in}; {fix} --size H,W")
+    if len(got_out) != 2 or not isinstance(got_out[1], int):
+        raise EdgeconvError(f"{path.name} outputs {got_out}, not one score per class [N, classes]; `edgeconv-runtime bench {path.name}` runs any graph")
+    c = got_in[1]
+    pre = Preprocess(size=tuple(got_in[2:]), channels=c, mean=(0.0,) * c, std=(1.0,) * c)  # [0, 1] for 1 or 3 channels
+    classes = [str(i) for i in range(got_out[1])]
+    bundle = Bundle(path.parent, Manifest(name=path.stem, classes=classes, preprocess=pre.to_dict()), pre, classes)
+    note = (f"{path.name} carries no labels or preprocessing: classes are output indices, images are stretched to "
+            f"{got_in[2]}x{got_in[3]} and scaled to [0, 1]; {fix}")
+    return bundle, {"plain": True, "fixed_batch": got_in[0] if isinstance(got_in[0], int) else None, "note": note}
+
+
+def onnx_file_bundle(path: Path, backend) -> tuple:
+    """(bundle, info) for a single .onnx file: its bundle's manifest, its edgeconv metadata, or none (a plain graph)."""
+    meta = backend.session.get_modelmeta().custom_metadata_map if hasattr(backend, "session") else {}
+    info: dict = {}
+    if (path.parent / MANIFEST_NAME).is_file():
+        bundle = read_bundle(path.parent)
+    elif "edgeconv.classes" in meta:
+        bundle = bundle_from_onnx_metadata(path, meta)
+    else:
+        bundle, info = plain_bundle(path, backend)
+    problem = graph_mismatch(bundle, backend)
+    if problem:
+        raise EdgeconvError(problem)
+    return bundle, info
+
 
 
 @dataclass
@@ -39,7 +89,6 @@ class PlainGraph:
 
     def __init__(self, path: Path, backend: str, precision: str, threads: Optional[int]):
         from .backends import backend_for_file, create_backend
-        from .model import precision_of
 
         own = precision_of(path)
         name = backend_for_file(path) if backend == "auto" else backend  # .onnx: onnxruntime-cpu
@@ -113,14 +162,15 @@ def item_shape(path: Path, dims: list, shape: Optional[tuple]) -> tuple:
 
 def image_inputs(folder: str, item: tuple, n: int) -> np.ndarray:
     """Up to ``n`` images of --data stretched to the graph's size, scaled to [0, 1], in its layout (NCHW or NHWC)."""
-    from .preprocess import IMAGE_EXTENSIONS, Preprocess, load_pixels, normalize
+    from .imagefolder import image_files
+    from .preprocess import load_pixels, normalize
 
     nchw = len(item) == 3 and item[0] in (1, 3)
     if len(item) != 3 or not (nchw or item[2] in (1, 3)):
         raise EdgeconvError(f"--data gives images, but the graph takes items of shape {list(item)}; leave --data out for random inputs")
     channels, size = (item[0], item[1:]) if nchw else (item[2], item[:2])
     root = Path(folder)
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())[:n] if root.is_dir() else []
+    files = image_files(root)[:n] if root.is_dir() else []
     if not files:
         raise EdgeconvError(f"--data {folder} holds no images; pass a folder of images")
     pre = Preprocess(size=size, channels=channels)
