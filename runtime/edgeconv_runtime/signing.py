@@ -64,34 +64,32 @@ def public_key_id(key) -> str:
 
 def load_private_key(path: KeyLike):
     """An Ed25519 private key from a PEM file (unencrypted PKCS#8, as `keygen` writes); one-line errors."""
-    serialization, ed25519, _ = _crypto()
-    if isinstance(path, ed25519.Ed25519PrivateKey):
-        return path
-    data = _read_key_file(Path(path), "signing key")
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        detail = " ".join(str(exc).split())[:100]
-        raise EdgeconvError(f"signing key {path} is not an unencrypted PEM private key ({detail}); "
-                            "create one with `edgeconv-runtime keygen NAME`") from exc
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise EdgeconvError(f"signing key {path} is a {type(key).__name__}, not an Ed25519 key; create one with `edgeconv-runtime keygen NAME`")
-    return key
+    return _load_key(path, private=True)
 
 
 def load_public_key(path: KeyLike):
     """An Ed25519 public key from a PEM file (or an Ed25519PublicKey as is); one-line errors."""
+    return _load_key(path, private=False)
+
+
+def _load_key(path: KeyLike, private: bool):
     serialization, ed25519, _ = _crypto()
-    if isinstance(path, ed25519.Ed25519PublicKey):
+    want = ed25519.Ed25519PrivateKey if private else ed25519.Ed25519PublicKey
+    if isinstance(path, want):
         return path
-    data = _read_key_file(Path(path), "public key")
+    what = "signing key" if private else "public key"
+    data = _read_key_file(Path(path), what)
     try:
-        key = serialization.load_pem_public_key(data)
+        key = serialization.load_pem_private_key(data, password=None) if private else serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as exc:
+        if private:
+            detail = " ".join(str(exc).split())[:100]
+            raise EdgeconvError(f"signing key {path} is not an unencrypted PEM private key ({detail}); "
+                                "create one with `edgeconv-runtime keygen NAME`") from exc
         hint = " (that is the private key: pass NAME.pub.pem)" if b"PRIVATE KEY" in data else ""
         raise EdgeconvError(f"public key {path} is not a PEM public key{hint}; `edgeconv-runtime keygen NAME` writes NAME.pub.pem") from exc
-    if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise EdgeconvError(f"public key {path} is a {type(key).__name__}, not an Ed25519 key; create one with `edgeconv-runtime keygen NAME`")
+    if not isinstance(key, want):
+        raise EdgeconvError(f"{what} {path} is a {type(key).__name__}, not an Ed25519 key; create one with `edgeconv-runtime keygen NAME`")
     return key
 
 
