@@ -27,6 +27,7 @@ from edgeconv_runtime import BackendUnavailable, EdgeconvError
 
 ort = pytest.importorskip("onnxruntime")
 from edgeconv_runtime.backends.ort import OrtBackend, provider_list, trt_provider_options  # noqa: E402
+from test_backends import _tiny_onnx  # noqa: E402  the same one-Relu graph
 
 
 def _one_line(exc_info) -> str:
@@ -37,19 +38,6 @@ def _one_line(exc_info) -> str:
 
 def _options(providers: list, name: str) -> dict:
     return next(p[1] for p in providers if isinstance(p, tuple) and p[0] == name)
-
-
-def _tiny_onnx(path: Path) -> Path:
-    onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper
-
-    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 4, 4])
-    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1, 4, 4])
-    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["logits"])], "tiny", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
 
 
 # ------------------------------------------------------------------------- 1. provider options by onnxruntime version
