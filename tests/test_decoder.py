@@ -6,7 +6,6 @@ import json
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -207,28 +206,21 @@ def big_jpeg(tmp_path_factory, cat_path) -> Path:
     return p
 
 
-def _best(fn, n=3) -> float:
-    best = float("inf")
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 @pytest.mark.parametrize("pre", [Preprocess((150, 150), jpeg_draft=True), Preprocess((224, 224), resize="shorter_center_crop", jpeg_draft=True)])
-def test_draft_decodes_large_jpegs_faster_and_training_matches(big_jpeg, pre):
+def test_draft_decodes_large_jpegs_reduced_and_training_matches(big_jpeg, pre):
+    """The decoder asks libjpeg for a reduced image (DCT scaling: a quarter of the pixels or fewer here, measured 2.4x to
+    6x faster on a quiet machine; no wall-clock assertion, which a busy machine turns red) and resizes that: training's
+    decoder and the runtime's give the same pixels."""
     from edgeconv.data import _decode_files
     from edgeconv_runtime.preprocess import draft_size, resize_image
 
     need = draft_size(pre)
     drafted = open_image(big_jpeg, draft=need)
     assert 2 * need[0] <= drafted.size[0] < 2000 and 2 * need[1] <= drafted.size[1] < 2000  # reduced, with margin
+    assert 4 * drafted.size[0] * drafted.size[1] <= 2000 * 2000
     assert open_image(big_jpeg).size == (2000, 2000)
-    fast = _best(lambda: load_pixels(big_jpeg, pre))
-    slow = _best(lambda: np.asarray(resize_image(open_image(big_jpeg).convert("RGB"), pre)))
-    assert fast * 1.5 < slow, (fast, slow)  # measured x2.4 (224 crop) to x6 (150 stretch)
     runtime = load_pixels(big_jpeg, pre)
+    assert np.array_equal(runtime, np.asarray(resize_image(drafted.convert("RGB"), pre)))  # decoded from the reduced image
     pixels, keep = _decode_files([big_jpeg], pre, 1)
     assert keep == [0] and np.array_equal(pixels[0], runtime)
     batch = preprocess_images([str(big_jpeg)], pre)

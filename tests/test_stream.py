@@ -162,13 +162,13 @@ def test_sigint_ends_cleanly_with_summary_even_when_inherited_ignored(rgb_bundle
     """Started the way `cmd &` starts it from a script (SIGINT ignored), Ctrl-C still ends it: summary, exit 130."""
     long_video = write_video(tmp_path / "long.avi", photos * 25, 3)  # 3000 frames: seconds of work, stopped after the first
     proc = subprocess.Popen([sys.executable, "-m", "edgeconv_runtime", "predict", str(rgb_bundle), "--source", str(long_video), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,  # unbuffered: readline() reads no
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # further line that communicate() would miss
     try:
         first = json.loads(proc.stdout.readline())
         assert first["frame"] == 0
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        out, err = (b.decode() for b in proc.communicate(timeout=60))
     finally:
         proc.kill()
         proc.wait()
