@@ -73,7 +73,10 @@ TARGETS = [  # tests: one -k at most (pytest keeps only the last)
             "DRAFT_MARGIN x the size needed, it picks scale min(w // ask_w, h // ask_h) and reduces only when that is >= 2 in both "
             "directions, which is this same DRAFT_MARGIN * 2 x threshold; below it draft() keeps scale 1, a full decode with "
             "identical pixels (checked: 252 x 256, 256 x 252, 255 x 1000 and 130 x 130 JPEGs decode the same with and without "
-            "it); the threshold itself is pinned by test_jpeg_draft_starts_at_twice_the_margin_and_keeps_both_sides"}),
+            "it); the threshold itself is pinned by test_jpeg_draft_starts_at_twice_the_margin_and_keeps_both_sides",
+            "open_image: Mult -> Div: DRAFT_MARGIN * 2 * need[1] => DRAFT_MARGIN * 2 / need[1]": "equivalent with Pillow's draft() "
+            "for the same reason: the height test becomes always true, but draft() still reduces only when the height is at least "
+            "DRAFT_MARGIN * 2 x the height needed, so below that it decodes at scale 1 (identical pixels)"}),
     Target("v2", "runtime/edgeconv_runtime/v2.py",
            ("model_name", "_bytes_elements", "_flatten", "Protocol.check_model", "Protocol.metadata", "Protocol.json_length", "Protocol.parse",
             "Protocol.plan", "Protocol._binary_part", "Protocol._images", "Protocol._tensor_source", "Protocol.tensor", "Protocol._outputs",

@@ -120,3 +120,47 @@ def test_bgr_arrays_are_flipped_to_rgb_and_nothing_else_is():
         preprocess_images([bgr], pre, channel_order="rgba")
     with pytest.raises(EdgeconvError, match="no images given"):
         preprocess_images([], pre)
+
+
+# ------------------------------------------------------------------ survivors of `make mutants --limit 80`
+def test_an_unknown_resize_policy_is_refused_when_the_record_is_made():
+    with pytest.raises(EdgeconvError, match="unknown resize policy 'stretchy'; use one of"):
+        Preprocess((28, 28), resize="stretchy")
+
+
+def test_a_pil_image_is_decoded_as_it_is():
+    img = Image.new("RGB", (40, 20), (10, 200, 30))
+    px = load_pixels(img, Preprocess((8, 8), channels=3))
+    assert px.shape == (8, 8, 3) and tuple(px[4, 4]) == (10, 200, 30)
+
+
+def test_bytes_that_do_not_decode_are_named_by_their_length():
+    with pytest.raises(EdgeconvError, match=r"<7 bytes>"):
+        open_image(b"garbage")
+
+
+def test_a_colour_image_given_to_a_one_channel_model_becomes_grayscale():
+    img = Image.new("RGB", (16, 16), (255, 0, 0))
+    px = load_pixels(img, Preprocess((8, 8), channels=1, mean=(0.0,), std=(1.0,)), strict=False)
+    assert px.shape == (8, 8, 1) and px[0, 0, 0] == round(0.299 * 255)  # ITU-R 601-2 luma of pure red
+
+
+@pytest.mark.parametrize("mean", [0.5, 1.0])
+def test_normalize_subtracts_every_mean_that_is_not_zero(mean):
+    pre = Preprocess((2, 2), channels=1, mean=(mean,), std=(1.0,))
+    x = preprocess.normalize(np.full((2, 2, 1), 255, np.uint8), pre)
+    np.testing.assert_allclose(x, np.full((1, 1, 2, 2), 1.0 - mean, np.float32))
+
+
+def test_running_out_of_memory_while_decoding_is_a_one_line_too_large(monkeypatch):
+    """Pillow's decoder raising MemoryError (an image under the pixel cap on a device short of memory) is ImageTooLarge."""
+    from PIL import ImageFile
+
+    data = jpeg(64, 64)
+
+    def no_memory(self, *a, **k):
+        raise MemoryError()
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_memory)
+    with pytest.raises(preprocess.ImageTooLarge, match="too large to decode in the memory available"):
+        open_image(data)
