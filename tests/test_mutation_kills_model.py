@@ -284,6 +284,11 @@ def test_verify_names_reference_tensors_it_cannot_read(mnist_bundle, tmp_path):
     _rehash(d, "reference/inputs.npy")
     with Model.load(d) as m, pytest.raises(EdgeconvError, match="missing or unreadable .*allow_pickle"):
         m.verify()  # a pickle inside is refused, not loaded
+    e = copy_bundle(mnist_bundle, tmp_path / "e")  # the reference outputs too (a surviving mutant: allow_pickle=True there)
+    np.save(e / "reference" / "outputs.npy", np.load(e / "reference" / "outputs.npy").astype(object), allow_pickle=True)
+    _rehash(e, "reference/outputs.npy")
+    with Model.load(e) as m, pytest.raises(EdgeconvError, match="missing or unreadable .*allow_pickle"):
+        m.verify()
 
 
 def test_a_file_failing_its_sha256_is_the_error_whatever_else_failed(mnist_bundle, tmp_path):
