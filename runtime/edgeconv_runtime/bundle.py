@@ -95,6 +95,23 @@ class Bundle:
     def name(self) -> str:
         return self.manifest.name
 
+    def reference_tensors(self) -> Optional[tuple]:
+        """(inputs as float32 NCHW, expected logits) that export recorded, or None where the manifest names none;
+        one-line errors for files that are missing, unreadable or pickled, or whose shapes do not fit the model."""
+        import numpy as np
+
+        ref = self.manifest.reference
+        if not ref or "inputs" not in ref or "outputs" not in ref:
+            return None
+        try:
+            x = np.load(self.path(ref["inputs"]), allow_pickle=False)
+            expected = np.load(self.path(ref["outputs"]), allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise EdgeconvError(f"bundle reference tensors are missing or unreadable ({str(exc).splitlines()[0][:120]}); copy the whole bundle") from exc
+        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.preprocess.input_shape) or expected.shape != (len(x), len(self.classes)):
+            raise EdgeconvError(f"bundle reference tensors have shapes {x.shape} / {expected.shape}, which do not fit the model; re-export the bundle")
+        return x.astype(np.float32), expected
+
     def path(self, rel: str, check_hash: bool = True) -> Path:
         """A file the manifest names, refused when it points outside the bundle, is no regular file, or differs from its sha256.
 

@@ -217,26 +217,20 @@ class Model:
 
     def verify(self) -> dict:
         """Re-run the bundle's reference inputs here; ``ok`` is False outside the precision's tolerance."""
-        ref = self.bundle.manifest.reference
-        if not ref or "inputs" not in ref or "outputs" not in ref:
+        tensors = self.bundle.reference_tensors()
+        if tensors is None:
             if self.info.get("plain"):
                 raise EdgeconvError(f"{self.artifact.name} is a plain ONNX file with no reference inputs and outputs to verify against; "
                                     f"`edgeconv import {self.artifact.name} ...` writes a bundle that has them")
             raise EdgeconvError("this model has no reference tensors to verify against; load the bundle directory written by `edgeconv export`")
-        try:
-            x = np.load(self.bundle.path(ref["inputs"]), allow_pickle=False)
-            expected = np.load(self.bundle.path(ref["outputs"]), allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise EdgeconvError(f"bundle reference tensors are missing or unreadable ({str(exc).splitlines()[0][:120]}); copy the whole bundle") from exc
-        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self._input_shape) or expected.shape != (len(x), len(self.classes)):
-            raise EdgeconvError(f"bundle reference tensors have shapes {x.shape} / {expected.shape}, which do not fit the model; re-export the bundle")
-        got = self.run(x.astype(np.float32))
+        x, expected = tensors
+        got = self.run(x)
         r = parity_report(expected, got)
         report = {"backend": self.backend_name, "precision": self.precision, "n": r["n"], "finite": r["finite"],
                   "max_abs_diff": r["max_abs_diff"], "cosine_min": r["cosine_min"], "top1_agreement": r["top1_agreement"]}
         problems = tolerance_problems(r, self.precision, backend=self.backend_name)
         # preprocessing drift: the reference images through this machine's decode/resize
-        images = ref.get("images") or []
+        images = self.bundle.manifest.reference.get("images") or []
         if images:
             px = preprocess_images([self.bundle.path(f) for f in images], self.preprocess, strict=False)
             report["preprocess_max_abs_diff"] = float(np.abs(px - x[: len(px)]).max())

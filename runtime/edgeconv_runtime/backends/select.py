@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
-
 from ..cpuclass import cpu_class
 from ..errors import BackendUnavailable, EdgeconvError, first_line
 from ..parity import parity_report, tolerance_problems
@@ -128,13 +126,10 @@ def cpu_int8_variant(bundle) -> tuple:
 
 def _int8_mismatch(bundle, backend) -> Optional[str]:
     """Why a started INT8 backend fails the bundle's reference outputs on this CPU (the `verify` tolerance), or None."""
-    ref = bundle.manifest.reference or {}
-    if "inputs" not in ref or "outputs" not in ref:
+    tensors = bundle.reference_tensors()
+    if tensors is None:
         return None
-    x = np.load(bundle.path(ref["inputs"]), allow_pickle=False).astype(np.float32)
-    expected = np.load(bundle.path(ref["outputs"]), allow_pickle=False)
-    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(bundle.preprocess.input_shape):
-        raise EdgeconvError(f"bundle reference tensors have shapes {x.shape} / {expected.shape}, which do not fit the model; re-export the bundle")
+    x, expected = tensors
     problems = tolerance_problems(parity_report(expected, backend.infer(x)), "int8", backend=backend.name)
     return f"INT8 fails `verify` on this CPU ({'; '.join(problems)})" if problems else None
 
