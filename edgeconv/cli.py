@@ -230,27 +230,49 @@ def _report(result) -> None:
 
 
 def demo_options() -> list:
-    from .pipeline import DemoConfig
+    from edgeconv_runtime.manifest import PRECISIONS
 
-    o = functools.partial(field_option, field_defaults(DemoConfig))
+    from .pipeline import EMBEDDED_EPOCHS, TUNE_BUDGET_S, DemoConfig
+    from .training.config import STRATEGIES, TrainConfig
+
+    d = field_defaults(DemoConfig)
+    o = functools.partial(field_option, d)
     return [
+        o("data", help="Train on this instead of the embedded mnist-5k: image-folder root, IDX directory, mnist-5k or fashion-mnist "
+                       "(as `edgeconv train --data`; the model's own training defaults)."),
+        o("model", help="Model name (see `edgeconv models`). Default: chollet_mnist (28x28 data); an image folder needs one."),
+        o("strategy", type=click.Choice(STRATEGIES), help="Pretrained backbones: feature-extract (default), fine-tune, or scratch (as `edgeconv train`)."),
         o("out", type=click.Path(file_okay=False)),
-        o("epochs"),
-        o("test_data", help="Default: ../shared/data/mnist when present, else a split carved from mnist-5k."),
+        o("epochs", type=int, help=f"Default: {EMBEDDED_EPOCHS} on the embedded mnist-5k, else `edgeconv train`'s ({field_defaults(TrainConfig)['epochs']})."),
+        o("test_data", help="Take the test split from here. Default: without --data, ../shared/data/mnist when present, else a split "
+                            "carved from mnist-5k; with --data, its own test split (else its validation split)."),
+        click.Option(["--precision", "precisions"], default=",".join(d["precisions"]), show_default=True,
+                     help=f"Comma list of {', '.join(PRECISIONS)}: exported, verified and benchmarked."),
+        o("tune", is_flag=True, show_default=False,
+          help=f"Then run the runtime's tuner on the bundle (edgeconv_runtime.tune, latency, {TUNE_BUDGET_S:.0f} s) and print its table."),
         o("json_path", "--json", type=click.Path(), help="Also write the summary rows as JSON."),
     ]
 
 
 @cli.command("demo", cls=DeferredOptions, options=demo_options)
 @user_errors
-def demo_cmd(**kw) -> None:
-    """The main job on its embedded default: chollet_mnist on mnist-5k, trained, exported
-    (FP32 + INT8), verified and benchmarked against PyTorch eager."""
-    from .pipeline import DemoConfig, run_demo, summary_table
+def demo_cmd(precisions: str, **kw) -> None:
+    """The main job in one command: train, export (FP32 + INT8 by default), verify on this machine and benchmark
+    against PyTorch eager; one table of accuracy and latency per backend and precision (exit status 1 when a precision
+    fails to verify). Without --data: chollet_mnist on the embedded mnist-5k (`make demo`). With --data: any data
+    `edgeconv train` reads, trained as it would, e.g.
 
-    result = run_demo(DemoConfig(**kw), progress=click.echo)
+    \b
+      edgeconv demo --data ../shared/data/cats_and_dogs_small --model efficientnet_lite0 --strategy feature-extract
+    """
+    from .pipeline import DemoConfig, parse_precisions, run_demo, summary_table
+
+    result = run_demo(DemoConfig(precisions=parse_precisions(precisions), **kw), progress=click.echo)
     click.echo("")
     click.echo(summary_table(result.rows))
+    if result.tune_table is not None:
+        click.echo("")
+        click.echo(result.tune_table)
     click.echo(f"\nrun directory: {result.out}   bundle: {result.bundle}")
     sys.exit(result.exit_code)
 

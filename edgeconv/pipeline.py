@@ -1,5 +1,6 @@
-"""The main job end to end (``edgeconv demo``, ``make demo``): train, export FP32 + INT8, verify on this
-machine, benchmark against PyTorch eager, and one table with accuracy and latency per backend and precision."""
+"""The main job end to end (``edgeconv demo``, ``make demo``): train, export (FP32 + INT8 by default), verify on this
+machine, benchmark against PyTorch eager, and one table with accuracy and latency per backend and precision; on the
+embedded MNIST default or on any data ``edgeconv train`` reads, optionally followed by the runtime's tuner."""
 from __future__ import annotations
 
 import os
@@ -12,12 +13,13 @@ import numpy as np
 import torch
 
 from edgeconv_runtime.bench import latency_stats, time_loop
+from edgeconv_runtime.errors import EdgeconvError
 from edgeconv_runtime.fileio import atomic_write_json
-from edgeconv_runtime.manifest import Manifest
+from edgeconv_runtime.manifest import PRECISIONS, Manifest
 from edgeconv_runtime.preprocess import normalize
 
 from . import checkpoint as ckpt
-from .data import load_dataset
+from .data import inspect_source, load_dataset
 from .exporting import ExportRequest, export_run, format_manifest
 from .model_card import extend_card
 from .training import TrainConfig, train
@@ -32,30 +34,103 @@ def mnist_test_dirs() -> tuple:
     return (Path(data).expanduser() / "mnist",) if data else MNIST_TEST_DIRS
 
 
+EMBEDDED_DATA, EMBEDDED_MODEL, EMBEDDED_EPOCHS = "mnist-5k", "chollet_mnist", 30
+TUNE_BUDGET_S = 60.0  # --tune: the runtime tuner's time budget
+
+
 @dataclass
 class DemoConfig:
-    """The main job on its embedded default: chollet_mnist on mnist-5k with the recipe below, exported to
-    ``precisions`` and measured at ``batch_sizes``."""
+    """The main job. Without ``data`` (and with chollet_mnist): the embedded default, chollet_mnist on mnist-5k with
+    the recipe below, tested on the official MNIST test files when present. With ``data`` (anything ``edgeconv train
+    --data`` reads) training is ``edgeconv train``'s with the same ``model``, ``strategy``, ``epochs`` and
+    ``test_data``: the model's own defaults, the data's own test split unless ``test_data`` names one. Either way
+    the run is exported to ``precisions`` and measured at ``batch_sizes``; ``tune`` then runs the runtime's tuner."""
 
     out: str = "runs/demo"
-    epochs: int = 30
-    test_data: Optional[str] = None  # None: the official MNIST test files when present (mnist_test_dirs()), else a carved split
+    epochs: Optional[int] = None  # None: 30 on the embedded default, else TrainConfig's default
+    test_data: Optional[str] = None  # None: the official MNIST test files without `data` (mnist_test_dirs()), else the data's own split
     json_path: Optional[str] = None  # also write the training metrics and the summary rows here
-    data: str = "mnist-5k"
-    model: str = "chollet_mnist"
+    data: Optional[str] = None  # None: the embedded mnist-5k
+    model: Optional[str] = None  # None: chollet_mnist on 28x28 array data (mnist-5k, IDX, fashion-mnist); an image folder needs one
+    strategy: Optional[str] = None  # scratch | feature-extract | fine-tune; None: the model's (TrainConfig.resolved)
+    precisions: tuple = ("fp32", "int8")
+    tune: bool = False  # after export + verify: edgeconv_runtime.tune on the bundle, for latency
+    # the embedded default's recipe (chollet_mnist on mnist-5k); other runs take the model's defaults, as `edgeconv train`
     optimizer: str = "adam"
     lr: float = 2e-3
     lr_schedule: str = "cosine"
     batch_size: int = 64
     augment_preset: str = "digits"
     dropout: float = 0.25
-    precisions: tuple = ("fp32", "int8")
     batch_sizes: tuple = (1, 32)
 
-    def train_config(self, test_data: Optional[str]) -> TrainConfig:
-        return TrainConfig(data=self.data, model=self.model, out=self.out, epochs=self.epochs, test_data=test_data,
-                           optimizer=self.optimizer, lr=self.lr, lr_schedule=self.lr_schedule, batch_size=self.batch_size,
-                           augment=True, augment_preset=self.augment_preset, dropout=self.dropout, force=True)
+    @property
+    def embedded(self) -> bool:
+        """Whether this is the embedded default (mnist-5k, chollet_mnist, the recipe above)."""
+        return self.data is None and self.model in (None, EMBEDDED_MODEL)
+
+    def resolved_model(self, info=None) -> str:
+        """``model``, else chollet_mnist for 28x28 array data; an image folder without a model is refused."""
+        if self.model:
+            return self.model
+        info = info or inspect_source(self.data or EMBEDDED_DATA)
+        if info.kind != "arrays":
+            raise EdgeconvError(f"--data {self.data} is an image folder: pass --model NAME (`edgeconv models` lists them), "
+                                "e.g. --model efficientnet_lite0 --strategy feature-extract")
+        return EMBEDDED_MODEL
+
+    def train_config(self, test_data: Optional[str], info=None) -> TrainConfig:
+        if self.embedded:
+            epochs = EMBEDDED_EPOCHS if self.epochs is None else self.epochs
+            return TrainConfig(data=EMBEDDED_DATA, model=EMBEDDED_MODEL, out=self.out, epochs=epochs, test_data=test_data,
+                               optimizer=self.optimizer, lr=self.lr, lr_schedule=self.lr_schedule, batch_size=self.batch_size,
+                               augment=True, augment_preset=self.augment_preset, dropout=self.dropout, strategy=self.strategy, force=True)
+        epochs = {} if self.epochs is None else {"epochs": self.epochs}
+        return TrainConfig(data=self.data or EMBEDDED_DATA, model=self.resolved_model(info), out=self.out, test_data=test_data,
+                           strategy=self.strategy, force=True, **epochs)
+
+
+def parse_precisions(spec) -> tuple:
+    """'fp32,int8' (or a sequence of names) -> ('fp32', 'int8'); an unknown or missing precision is an error."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = []
+    for name in (str(n).strip().lower() for n in names):
+        if name not in PRECISIONS:
+            raise EdgeconvError(f"unknown precision {name!r}; use a comma list of {', '.join(PRECISIONS)}")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise EdgeconvError(f"no precision given; use a comma list of {', '.join(PRECISIONS)}")
+    return tuple(out)
+
+
+def load_tuner() -> tuple:
+    """(TuneConfig, run_tune, format_tune_table) from the runtime's tuner, imported only for --tune; without it a one-line error."""
+    try:
+        from edgeconv_runtime.tune import TuneConfig, format_tune_table, run_tune
+    except ImportError as exc:
+        raise EdgeconvError(f"--tune needs the runtime's tuner, edgeconv_runtime.tune (TuneConfig, run_tune, format_tune_table), "
+                            f"which this install cannot import ({' '.join(str(exc).split())}); run the demo without --tune") from None
+    return TuneConfig, run_tune, format_tune_table
+
+
+def evaluation_folder(data: str, test_data: Optional[str] = None) -> Optional[str]:
+    """The folder of class sub-folders holding the split evaluation_split() measures accuracy on (``test_data``'s test
+    split, else the data's test split, else its validation split), None when that split is no image folder of its own
+    (array data, or a validation split carved from train)."""
+    if test_data:
+        info = inspect_source(test_data)
+        name = "test" if "test" in info.splits else next(iter(info.splits))  # as load_dataset takes --test-data
+    else:
+        info = inspect_source(data)
+        name = "test" if "test" in info.splits else "val"
+    return str(info.splits[name]) if info.kind == "image-folder" and name in info.splits else None
+
+
+def _test_split_words(test_data: Optional[str], info) -> str:
+    if test_data:
+        return test_data
+    return "its test split" if "test" in info.splits else "its validation split" if "val" in info.splits else "a carved split"
 
 
 @dataclass
@@ -66,6 +141,8 @@ class DemoResult:
     manifest: Manifest
     verify: dict = field(default_factory=dict)  # precision -> the runtime's verify report on this machine
     rows: list = field(default_factory=list)  # one per backend, precision and batch size: summary_table's rows
+    tune: Optional[dict] = None  # --tune: run_tune's result (its "chosen" row, or None)
+    tune_table: Optional[str] = None  # --tune: format_tune_table of it, printed after the summary table
 
     @property
     def exit_code(self) -> int:
@@ -78,21 +155,30 @@ def default_test_data() -> Optional[str]:
 
 
 def run_demo(config: DemoConfig, progress: Callable[[str], None] = lambda line: None) -> DemoResult:
-    """Train, export, verify and benchmark; ``progress`` receives a line as each step starts and ends."""
-    test_data = config.test_data or default_test_data()
-    progress(f"[1/4] train {config.model} on {config.data} ({config.epochs} epochs), test on {test_data or 'a carved split'}")
-    m = train(config.train_config(test_data)).metrics
+    """Train, export, verify and benchmark (then tune, with ``config.tune``); ``progress`` receives a line as each step
+    starts and ends. Bad input (precision, data path, model, a missing tuner) is refused before training."""
+    precisions = parse_precisions(config.precisions)
+    tuner = load_tuner() if config.tune else None
+    info = inspect_source(config.data or EMBEDDED_DATA)
+    test_data = config.test_data or (default_test_data() if config.data is None else None)
+    if config.test_data:
+        inspect_source(config.test_data)  # a --test-data path that is not there: refused before training too
+    tc = config.train_config(test_data, info)
+    tc.resolved()  # an unknown model, strategy or epoch count: refused here, before anything is written
+    n = 5 if tuner else 4
+    progress(f"[1/{n}] train {tc.model} on {tc.data} ({tc.epochs} epochs), test on {_test_split_words(test_data, info)}")
+    m = train(tc).metrics
     progress(f"      test_accuracy {m['test_accuracy']}  val_accuracy {m['val_accuracy']:.4f}  {m['train_seconds']:.1f} s  "
              f"{m['train_images_per_second']:.0f} img/s")
     out, bundle = Path(config.out), Path(config.out) / "bundle"
-    progress(f"[2/4] export {' + '.join(p.upper() for p in config.precisions)} -> {bundle}")
-    manifest = export_run(ExportRequest(checkpoint=config.out, out=str(bundle), precisions=config.precisions, force=True))
+    progress(f"[2/{n}] export {' + '.join(p.upper() for p in precisions)} -> {bundle}")
+    manifest = export_run(ExportRequest(checkpoint=config.out, out=str(bundle), precisions=precisions, force=True))
     progress(format_manifest(manifest.to_dict()))
     result = DemoResult(out, bundle, m, manifest)
     x, y, split = evaluation_split(out)
-    progress(f"[3/4] verify + [4/4] bench on this machine ({len(y)} {split} images for accuracy)")
+    progress(f"[3/{n}] verify + [4/{n}] bench on this machine ({len(y)} {split} images for accuracy)")
     result.rows = torch_eager_row(out, x, y, config.batch_sizes)
-    for precision in config.precisions:
+    for precision in precisions:
         rows, v = runtime_rows(bundle, precision, x, y, config.batch_sizes)
         result.rows += rows
         result.verify[precision] = v
@@ -101,6 +187,12 @@ def run_demo(config: DemoConfig, progress: Callable[[str], None] = lambda line: 
     extend_card(out, bundle, export=[a.to_dict() for a in manifest.artifacts], benchmarks=result.rows)
     if config.json_path:
         atomic_write_json(config.json_path, {"train": m, "rows": result.rows})
+    if tuner:
+        tune_config, run_tune, format_tune_table = tuner
+        images = evaluation_folder(tc.data, tc.test_data)
+        progress(f"[5/{n}] tune {bundle} for latency ({TUNE_BUDGET_S:.0f} s budget{', images from ' + images if images else ''})")
+        result.tune = run_tune(tune_config(bundle=str(bundle), data=images, objective="latency", budget_s=TUNE_BUDGET_S))
+        result.tune_table = format_tune_table(result.tune)
     return result
 
 
