@@ -38,6 +38,7 @@ class BenchConfig:
     end_to_end: bool = True
     progress: bool = True
     shape: Optional[tuple] = None  # a plain ONNX file's input shape for one item (no batch), where the graph leaves it open
+    profile: bool = True  # `auto` without a precision runs the bundle's tuned profile for this device (False: ignore it)
 
 
 def latency_stats(seconds: Sequence[float], batch: int) -> dict:
@@ -132,7 +133,8 @@ def _bundle_target(cfg: BenchConfig) -> BenchTarget:
         raise EdgeconvError("the bundle has no reference inputs to benchmark with; re-export it")
     return BenchTarget(bundle.name, sha256_file(Path(cfg.bundle) / MANIFEST_NAME),  # the manifest holds every artifact's sha256
                    np.load(bundle.path(ref["inputs"]), allow_pickle=False).astype(np.float32),
-                   lambda backend, precision: Model.load(cfg.bundle, backend=backend, precision=precision, threads=cfg.threads),
+                   lambda backend, precision: Model.load(cfg.bundle, backend=backend, precision=precision, threads=cfg.threads,
+                                                         profile=cfg.profile),
                    [bundle.path(f).read_bytes() for f in ref.get("images", [])],
                    accuracy=(lambda model: model.evaluate(cfg.data)["accuracy"]) if cfg.data else None)
 
@@ -156,7 +158,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         try:
             model = target.load(backend, precision)
         except (BackendUnavailable, EdgeconvError) as exc:
-            skipped.append({"backend": backend, "precision": precision, "reason": str(exc)})
+            skipped.append({"backend": backend, "precision": precision or "default", "reason": str(exc)})
             for _ in batch_sizes:
                 progress.step(f"{backend} {precision} skipped")
             continue
@@ -167,12 +169,15 @@ def run_bench(cfg: BenchConfig) -> dict:
         first_ms = (time.perf_counter() - t1) * 1e3
         accuracy = target.accuracy(model) if target.accuracy else None
         for bs in batch_sizes:
-            row = {"backend": model.backend_name, "precision": precision, "batch": bs, "load_s": load_s, "first_inference_ms": first_ms,
+            row = {"backend": model.backend_name, "precision": getattr(model, "precision", None) or precision, "batch": bs, "load_s": load_s, "first_inference_ms": first_ms,
                    "threads": getattr(model.backend, "threads", None), **_timed(model, target.inputs, bs, cfg)}
             if cfg.end_to_end and target.jpeg_bytes:
                 row.update(_end_to_end(model, target.jpeg_bytes, bs, cfg))
                 row["e2e_over_model_p50"] = row["e2e_p50_ms"] / row["p50_ms"]
             row["accuracy"] = accuracy
+            profile = (getattr(model, "info", None) or {}).get("profile")
+            if profile:
+                row["profile"] = profile["path"]
             rows.append(row)
             progress.step(f"{model.backend_name} {precision} batch {bs}")
         model.close()

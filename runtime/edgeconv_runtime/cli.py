@@ -67,6 +67,11 @@ def _max_pixels(sp) -> None:
                     help=f"refuse images whose header declares more pixels than this, before decoding (default {DEFAULT_MAX_PIXELS})")
 
 
+def _no_profile(sp) -> None:
+    sp.add_argument("--no-profile", action="store_true",
+                    help="ignore the bundle's tuned profile for this device (`tune`) and use the default order")
+
+
 def _public_key(sp) -> None:
     sp.add_argument("--public-key", default=None, metavar="PUB.pem",
                     help="refuse a bundle not signed by this Ed25519 key (manifest.sig; `keygen` makes a pair, `edgeconv export --sign-key` signs)")
@@ -84,6 +89,7 @@ def build_parser(prog: str = "edgeconv-runtime") -> argparse.ArgumentParser:
         sp.add_argument("--backend", default="auto", help=f"auto (default), {_backend_names()}")
         sp.add_argument("--precision", default=precision_default, choices=list(RUNTIME_PRECISIONS))
         sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+        _no_profile(sp)
         _public_key(sp)
 
     sp = sub.add_parser("predict", help="top-k classes for images, or for the frames of a video, stream or camera",
@@ -116,7 +122,8 @@ def build_parser(prog: str = "edgeconv-runtime") -> argparse.ArgumentParser:
     sp = sub.add_parser("bench", help="latency/throughput per backend x precision x batch size")
     sp.add_argument("bundle", help="bundle directory, or any .onnx file (random inputs, or --data images)")
     sp.add_argument("--backend", type=_list, default=["auto"], help=f"comma list of auto (default), {_backend_names()}")
-    sp.add_argument("--precision", type=_list, default=["fp32"], help=f"comma list of {', '.join(RUNTIME_PRECISIONS)} (default fp32)")
+    sp.add_argument("--precision", type=_list, default=None,
+                    help=f"comma list of {', '.join(RUNTIME_PRECISIONS)} (default: the tuned profile's with --backend auto, else fp32)")
     sp.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32])
     sp.add_argument("--warmup", type=int, default=10)
     g = sp.add_mutually_exclusive_group()
@@ -126,10 +133,34 @@ def build_parser(prog: str = "edgeconv-runtime") -> argparse.ArgumentParser:
     sp.add_argument("--data", default=None, help="class-folder images: report accuracy beside speed (a plain .onnx file: its inputs)")
     sp.add_argument("--shape", type=_ints, default=None, help="a plain .onnx file with open input dimensions: one item's shape, e.g. 3,224,224")
     sp.add_argument("--no-e2e", action="store_true", help="skip end-to-end (JPEG bytes -> label) timing")
+    _no_profile(sp)
     _public_key(sp)
     sp.add_argument("--json", dest="json_path", default=None)
     sp.add_argument("--csv", dest="csv_path", default=None)
     sp.add_argument("--plot", dest="plot_path", default=None)
+
+    sp = sub.add_parser("tune", help="find the fastest backend x precision x threads x batch that keeps its accuracy here; keep it in the bundle",
+                        formatter_class=_DefaultsShown,
+                        epilog="Writes profiles/<device id>.json into the bundle (listed and hashed in its manifest; model files are "
+                               "never touched). `predict`, `serve`, `bench` and Model.load(backend='auto') then run it on this device; "
+                               "--no-profile there ignores it. A stop at --budget-s keeps the best so far; Ctrl-C writes nothing.")
+    sp.add_argument("bundle", help="bundle directory written by `edgeconv export` or `edgeconv import`")
+    sp.add_argument("--data", default=None, help="class-folder images to measure accuracy on (default: the bundle's reference inputs, "
+                                                 "agreement with FP32)")
+    sp.add_argument("--max-drop", type=float, default=0.5, help="points of accuracy (or agreement with FP32) a configuration may lose")
+    sp.add_argument("--objective", choices=["latency", "throughput"], default="latency",
+                    help="latency: p50 at the smallest batch size; throughput: images/s at any batch size")
+    sp.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32])
+    sp.add_argument("--budget-s", type=float, default=300.0, help="stop measuring after this many seconds and keep the best so far")
+    sp.add_argument("--backend", type=_list, default=None, help=f"only these backends (comma list of {_backend_names()})")
+    sp.add_argument("--precision", type=_list, default=None, help=f"only these precisions (comma list of {', '.join(RUNTIME_PRECISIONS)})")
+    sp.add_argument("--max-images", type=_positive, default=500, help="--data images used (spread over the classes)")
+    sp.add_argument("--rounds", type=_positive, default=5, help="alternating timing rounds")
+    sp.add_argument("--no-write", action="store_true", help="measure and print; write no profile")
+    sp.add_argument("--sign-key", default=None, metavar="KEY.pem", help="a signed bundle: sign it again after adding the profile")
+    sp.add_argument("--json", dest="json_path", default=None, help="write the result (every row, the choice) as JSON; `compare` reads it")
+    _max_pixels(sp)
+    _public_key(sp)
 
     sp = sub.add_parser("serve", help="HTTP inference server with dynamic batching", formatter_class=_DefaultsShown)
     sp.add_argument("bundle")
@@ -151,6 +182,7 @@ def build_parser(prog: str = "edgeconv-runtime") -> argparse.ArgumentParser:
     sp.add_argument("--max-json-mb", type=float, default=8.0, help="JSON bodies (413)")
     sp.add_argument("--max-inflight-body-mb", type=float, default=64.0, help="bodies held by all requests together (503)")
     sp.add_argument("--admit-wait-ms", type=float, default=100.0, help="how long a request waits for a queue place before 503")
+    _no_profile(sp)
     _public_key(sp)
 
     sp = sub.add_parser("build-engine", help="build TensorRT engines on this device from the bundle's ONNX files")
@@ -162,8 +194,8 @@ def build_parser(prog: str = "edgeconv-runtime") -> argparse.ArgumentParser:
     sp.add_argument("--dla-core", type=int, default=None, help="build for this DLA core (Jetson AGX/NX)")
     sp.add_argument("--gpu-fallback", action="store_true", help="with --dla-core: run layers DLA cannot on the GPU")
 
-    sp = sub.add_parser("compare", help="bench runs from several devices in one table and one plot")
-    sp.add_argument("runs", nargs="+", help="JSON files written by `bench --json`")
+    sp = sub.add_parser("compare", help="bench or tune runs from several devices in one table and one plot")
+    sp.add_argument("runs", nargs="+", help="JSON files written by `bench --json` or `tune --json`")
     sp.add_argument("--markdown", action="store_true", help="a Markdown table")
     sp.add_argument("--plot", dest="plot_path", default=None, help="PNG: latency, images/s (and images/s per watt) per batch size")
 
@@ -291,12 +323,35 @@ def run(argv: Optional[Sequence[str]] = None, prog: str = "edgeconv-runtime") ->
 
         if args.iterations is None and args.duration is None:
             args.duration = 2.0
-        cfg = BenchConfig(args.bundle, args.backend, args.precision, args.batch_sizes, args.warmup, args.iterations, args.duration,
-                          args.threads, args.data, not args.no_e2e, shape=tuple(args.shape) if args.shape else None)
+        precisions = args.precision or ([None] if args.backend == ["auto"] and not args.no_profile else ["fp32"])
+        cfg = BenchConfig(args.bundle, args.backend, precisions, args.batch_sizes, args.warmup, args.iterations, args.duration,
+                          args.threads, args.data, not args.no_e2e, shape=tuple(args.shape) if args.shape else None,
+                          profile=not args.no_profile)
         result = run_bench(cfg)
         write_outputs(result, args.json_path, args.csv_path, args.plot_path)
         print(format_table(result))
         return 0 if result["rows"] else 1
+
+    if args.command == "tune":
+        from .manifest import RUNTIME_PRECISIONS as known
+        from .tune import TuneConfig, format_tune_table, print_progress, run_tune
+
+        bad = [p for p in (args.precision or []) if p not in known]
+        if bad:
+            raise EdgeconvError(f"unknown precision {bad[0]!r}; use one of {', '.join(known)}")
+        cfg = TuneConfig(args.bundle, args.data, args.max_drop, args.objective, args.batch_sizes, args.budget_s, args.json_path,
+                         not args.no_write, args.sign_key, args.max_images, args.rounds, backends=args.backend, precisions=args.precision,
+                         progress=print_progress)
+        import signal
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops it even where SIGINT came in ignored (a background job)
+        try:
+            result = run_tune(cfg)
+        except KeyboardInterrupt:
+            print("tune: interrupted; nothing written", file=sys.stderr)
+            return 130
+        print(format_tune_table(result))
+        return 0 if result["chosen"] else 1
 
     if args.command == "serve":
         from .serve import ServeConfig, run_server
@@ -305,11 +360,12 @@ def run(argv: Optional[Sequence[str]] = None, prog: str = "edgeconv-runtime") ->
                                args.max_queue, int(args.max_body_mb * 1024 * 1024), args.timeout_s, args.workers, args.threads,
                                body_timeout_s=args.body_timeout_s, header_timeout_s=args.header_timeout_s,
                                max_header_bytes=int(args.max_header_kb * 1024), max_json_bytes=int(args.max_json_mb * 1024 * 1024),
-                               max_inflight_body_bytes=int(args.max_inflight_body_mb * 1024 * 1024), admit_wait_s=args.admit_wait_ms / 1000.0))
+                               max_inflight_body_bytes=int(args.max_inflight_body_mb * 1024 * 1024), admit_wait_s=args.admit_wait_ms / 1000.0,
+                               profile=not args.no_profile))
         return 0
     from .model import Model
 
-    model = Model.load(args.bundle, backend=args.backend, precision=args.precision, threads=args.threads)
+    model = Model.load(args.bundle, backend=args.backend, precision=args.precision, threads=args.threads, profile=not args.no_profile)
     if args.command == "predict":
         if model.info.get("note"):
             print(f"note: {model.info['note']}", file=sys.stderr)

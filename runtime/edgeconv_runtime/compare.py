@@ -1,8 +1,8 @@
 """Put bench runs from several devices side by side: one table, one plot.
 
-Each input is a JSON file written by ``edgeconv-runtime bench --json``; a run names its device
-(GPU, Jetson board or CPU model) and carries per-row latency, throughput and, where power was
-measured, images per watt.
+Each input is a JSON file written by ``edgeconv-runtime bench --json`` or ``edgeconv-runtime tune --json``; a run names
+its device (GPU, Jetson board or CPU model) and carries per-row latency, throughput and, where power was measured,
+images per watt. Tune rows add their configuration (INT8 graph, threads, options) and mark the one tune chose.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from .fileio import atomic_write_bytes
 
 COLUMNS = (("device", "device", 34), ("backend", "backend", 20), ("precision", "prec", 5), ("batch", "batch", 5),
            ("p50_ms", "p50 ms", 9), ("p99_ms", "p99 ms", 9), ("throughput_ips", "images/s", 10), ("images_per_watt", "img/s/W", 8))
+CONFIG_COLUMN = ("config", "config (tune; * chosen)", 26)
+TEXT_KEYS = ("device", "backend", "precision", "config")
 
 
 def require_matplotlib():
@@ -51,9 +53,13 @@ def load_run(path) -> dict:
     try:
         run = json.loads(p.read_text())
     except (OSError, ValueError, RecursionError) as exc:
-        raise EdgeconvError(f"cannot read bench results {p} ({str(exc).splitlines()[0][:120]}); pass files written by `edgeconv-runtime bench --json`")
-    if not isinstance(run, dict) or not isinstance(run.get("rows"), list):
-        raise EdgeconvError(f"{p} is not a bench result (no 'rows'); pass files written by `edgeconv-runtime bench --json`")
+        raise EdgeconvError(f"cannot read bench results {p} ({str(exc).splitlines()[0][:120]}); pass files written by "
+                            "`edgeconv-runtime bench --json` or `tune --json`")
+    if not isinstance(run, dict) or not isinstance(run.get("rows"), list) or not all(isinstance(r, dict) for r in run["rows"]):
+        raise EdgeconvError(f"{p} is not a bench result (no 'rows'); pass files written by `edgeconv-runtime bench --json` or `tune --json`")
+    bad = next((r for r in run["rows"] if not all(k in r for k in ("backend", "precision", "batch"))), None)
+    if bad is not None:
+        raise EdgeconvError(f"{p} has a row without backend, precision and batch; pass files written by `edgeconv-runtime bench --json` or `tune --json`")
     run["_label"] = device_label(run)
     run["_file"] = p.name
     return run
@@ -65,12 +71,22 @@ def _labels(runs: Sequence[dict]) -> List[str]:
     return [f"{l} [{r['_file']}]" if labels.count(l) > 1 else l for l, r in zip(labels, runs)]
 
 
+def _columns(rows: Sequence[dict]) -> tuple:
+    """COLUMNS, with the configuration after the precision where a tune run is among the inputs."""
+    if not any(r.get("config") for r in rows):
+        return COLUMNS
+    return COLUMNS[:3] + (CONFIG_COLUMN,) + COLUMNS[3:]
+
+
 def compare_rows(runs: Sequence[dict]) -> List[dict]:
     rows = []
     for label, run in zip(_labels(runs), runs):
         for r in run["rows"]:
-            rows.append({"device": label, **{k: r.get(k) for k, _, _ in COLUMNS if k != "device"}})
-    return sorted(rows, key=lambda r: (r["backend"], r["precision"], r["batch"], r["device"]))
+            row = {"device": label, **{k: r.get(k) for k, _, _ in COLUMNS if k != "device"}}
+            if r.get("config") is not None:
+                row["config"] = ("* " if r.get("chosen") else "") + str(r["config"])
+            rows.append(row)
+    return sorted(rows, key=lambda r: (str(r["backend"]), str(r["precision"]), r["batch"], r["device"], str(r.get("config") or "")))
 
 
 def _cell(v, width: int) -> str:
@@ -85,13 +101,14 @@ def _cell(v, width: int) -> str:
 
 
 def format_compare(rows: Sequence[dict], markdown: bool = False) -> str:
+    cols = _columns(rows)
     if markdown:
-        head = "| " + " | ".join(t for _, t, _ in COLUMNS) + " |"
-        sep = "|" + "|".join("---" if k in ("device", "backend", "precision") else "---:" for k, _, _ in COLUMNS) + "|"
-        body = ["| " + " | ".join(_cell(r.get(k), 0).strip() for k, _, _ in COLUMNS) + " |" for r in rows]
+        head = "| " + " | ".join(t for _, t, _ in cols) + " |"
+        sep = "|" + "|".join("---" if k in TEXT_KEYS else "---:" for k, _, _ in cols) + "|"
+        body = ["| " + " | ".join(_cell(r.get(k), 0).strip() for k, _, _ in cols) + " |" for r in rows]
         return "\n".join([head, sep, *body])
-    head = " ".join(t.ljust(w) if k in ("device", "backend", "precision") else t.rjust(w) for k, t, w in COLUMNS)
-    return "\n".join([head, *(" ".join(_cell(r.get(k), w) for k, _, w in COLUMNS) for r in rows)])
+    head = " ".join(t.ljust(w) if k in TEXT_KEYS else t.rjust(w) for k, t, w in cols)
+    return "\n".join([head, *(" ".join(_cell(r.get(k), w) for k, _, w in cols) for r in rows)])
 
 
 def batch_axis(ax, sizes: Sequence[int]) -> None:
@@ -120,7 +137,7 @@ def plot_compare(runs: Sequence[dict], path, title: Optional[str] = None) -> Non
         for label, run in zip(labels, runs):
             series = {}
             for r in run["rows"]:
-                series.setdefault(f"{r['backend']} {r['precision']}", []).append(r)
+                series.setdefault(f"{r['backend']} {r['precision']}" + (f" {r['config']}" if r.get("config") else ""), []).append(r)
             for name, rs in sorted(series.items()):
                 rs = sorted((r for r in rs if r.get(key) is not None), key=lambda r: r["batch"])
                 if rs:

@@ -12,7 +12,7 @@ from .backends import backend_for_file, create_backend
 from .backends.select import cpu_int8_variant, select_backend  # noqa: F401  cpu_int8_variant: imported from here before
 from .backends.select import artifact_kind as _artifact_kind, missing_artifact as _missing_artifact  # noqa: F401  the old names
 from .bundle import ENGINE_SUFFIXES, Bundle, read_bundle
-from .errors import EdgeconvError
+from .errors import BackendUnavailable, EdgeconvError
 from .manifest import RUNTIME_PRECISIONS
 from .parity import PREPROCESS_MAX_ABS_DIFF, device_tolerance, parity_report, tolerance_problems
 from .plain import onnx_file_bundle, precision_of
@@ -42,7 +42,8 @@ class Model:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, src, backend: str = "auto", precision: Optional[str] = None, threads: Optional[int] = None, check_hash: bool = True,
-             spin: bool = True, batch_profile: Optional[Sequence[int]] = None, cache_dir=None, public_key=None) -> "Model":
+             spin: bool = True, batch_profile: Optional[Sequence[int]] = None, cache_dir=None, public_key=None, profile: bool = True,
+             tuning: Optional[dict] = None, int8_variant: Optional[str] = None) -> "Model":
         """Load a bundle directory, a bare edgeconv .onnx, or a TensorRT engine inside a bundle.
 
         ``backend="auto"`` tries the backends fastest first and takes the first that starts with an artifact
@@ -52,6 +53,11 @@ class Model:
         ``<bundle>/.trt_cache``, or ``~/.cache/edgeconv/trt`` when the bundle is read-only) configure ONNX
         Runtime's TensorRT provider. ``with Model.load(...) as m:`` closes the model at the end. ``public_key``
         (an Ed25519 PEM file): refuse a bundle its owner did not sign (``manifest.sig``).
+
+        ``backend="auto"`` runs the bundle's tuned profile for this device (``edgeconv-runtime tune``: backend, precision,
+        INT8 graph, threads, options) where one matches this machine and its library versions, and says so in
+        ``model.info["profile"]``; ``profile=False`` ignores it; an explicit ``precision`` other than the profile's wins.
+        ``tuning`` (a named backend's options, as `tune` measures them) and ``int8_variant`` pick a configuration by hand.
         """
         t0, path = time.perf_counter(), Path(src)
         if not path.exists():
@@ -65,14 +71,32 @@ class Model:
         # every file checked, whatever the precision: all but the sha256 now, those on background threads while the
         # backend starts; joined before a model is returned (or a fallback loaded), so a mismatch refuses the load
         bundle = read_bundle(path, check_hash=check_hash, public_key=public_key, defer_hashes=True)
-        try:  # create_backend read here at call time: tests wrap it
-            got = select_backend(bundle, backend, precision or "fp32", check_hash, threads, spin, batch_profile, cache_dir, create_backend)
+        asked = dict(backend=backend, precision=precision, threads=threads, tuning=tuning, int8_variant=int8_variant)
+        try:
+            tuned, note = cls._profile(bundle, asked) if profile and backend == "auto" and not tuning and not int8_variant else (None, None)
+            if tuned is not None:
+                backend, precision, threads, tuning, int8_variant = (tuned[k] for k in ("backend", "precision", "threads", "tuning", "int8_variant"))
+            try:  # create_backend read here at call time: tests wrap it
+                got = select_backend(bundle, backend, precision or "fp32", check_hash, threads, spin, batch_profile, cache_dir, create_backend,
+                                     tuning, int8_variant)
+            except BackendUnavailable as exc:
+                if tuned is None:
+                    raise
+                note = f"tuned profile {tuned['path']} cannot run here ({exc}); using the default order"
+                tuned, backend, precision, threads = None, "auto", asked["precision"], asked["threads"]
+                got = select_backend(bundle, "auto", precision or "fp32", check_hash, threads, spin, batch_profile, cache_dir, create_backend)
         except Exception:
             bundle.wait_checked()  # a file that fails its sha256 is the error, not what it made the backend say
             raise
-        model = (cls._fp32_instead(src, got.fp32_instead, dict(backend=backend, threads=threads, check_hash=check_hash, spin=spin,
-                                                               batch_profile=batch_profile, cache_dir=cache_dir, public_key=public_key))
+        model = (cls._fp32_instead(src, got.fp32_instead, dict(backend=asked["backend"], threads=asked["threads"], check_hash=check_hash,
+                                                               spin=spin, batch_profile=batch_profile, cache_dir=cache_dir,
+                                                               public_key=public_key, profile=False))
                  if got.fp32_instead else cls(bundle, got.backend, precision or "fp32", got.artifact, info=got.info))
+        if tuned is not None and not got.fp32_instead:
+            model.info["profile"] = {"path": tuned["path"], "description": tuned["description"], "config": tuned["config"]}
+        if note:
+            model.info["profile_note"] = note
+            model.info.setdefault("note", note)
         try:
             bundle.wait_checked()
         except EdgeconvError:
@@ -99,6 +123,22 @@ class Model:
             be.close()
             raise
         return cls(bundle, be, precision, path, time.perf_counter() - t0, info=info)
+
+    @staticmethod
+    def _profile(bundle, asked: dict) -> tuple:
+        """(settings, note) from the bundle's profile for this device: settings None where there is none that fits
+        (note: why, when the bundle has profiles); an edited profile raises (the bundle's hash check)."""
+        from .profiles import describe_profile, profile_for, profile_path
+
+        doc, note = profile_for(bundle)
+        if doc is None:
+            return None, note
+        cfg, rel = doc["config"], profile_path()
+        if asked["precision"] is not None and asked["precision"] != cfg["precision"]:
+            return None, f"tuned profile {rel} is for {cfg['precision']}; running {asked['precision']} as asked, in the default order"
+        return {"path": rel, "config": cfg, "description": describe_profile(doc, rel), "backend": cfg["backend"],
+                "precision": cfg["precision"], "threads": asked["threads"] or cfg.get("threads"), "tuning": cfg.get("options") or None,
+                "int8_variant": cfg.get("int8_variant")}, None
 
     @classmethod
     def _fp32_instead(cls, src, why: str, options: dict) -> "Model":

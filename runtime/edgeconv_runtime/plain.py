@@ -91,12 +91,14 @@ class PlainGraph:
         from .backends import backend_for_file, create_backend
 
         own = precision_of(path)
+        precision = precision or own  # bench without --precision: the graph's own
         name = backend_for_file(path) if backend == "auto" else backend  # .onnx: onnxruntime-cpu
         if precision != own and name not in ("onnxruntime-tensorrt",):
             raise EdgeconvError(f"{path.name} is a plain {own} graph and {name} runs it as it is; bench it with --precision {own} "
                                 f"(`edgeconv import` makes fp16 and int8 artifacts)")
         self.backend = create_backend(name, str(path), threads, precision=precision)
         self.backend_name = self.backend.name
+        self.precision = precision
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return self.backend.infer(x)

@@ -49,6 +49,7 @@ class ServeConfig:
     max_json_bytes: int = 8 * 1024 * 1024  # JSON bodies (also capped by max_body_bytes)
     max_inflight_body_bytes: int = 64 * 1024 * 1024  # bodies being received or held by all requests together (503)
     admit_wait_s: float = 0.1  # a request that finds the queue full waits in line (FIFO) while a place is freed this often, up to timeout_s
+    profile: bool = True  # `auto`: run the bundle's tuned profile for this device (edgeconv-runtime tune); --no-profile: ignore it
 
 
 def _guarded_protocol(cfg: ServeConfig):
@@ -183,7 +184,8 @@ def create_app(cfg: ServeConfig, model=None):
 
     state = {"ready": False, "verify": None}
     registry, m = _metrics()
-    model = model or Model.load(cfg.bundle, backend=cfg.backend, precision=cfg.precision, threads=cfg.threads, spin=False)
+    model = model or Model.load(cfg.bundle, backend=cfg.backend, precision=cfg.precision, threads=cfg.threads, spin=False,
+                                profile=cfg.profile)
     artifact_sha = next((a.sha256 for a in model.bundle.manifest.artifacts if a.file == model.artifact.name), None)
     ident = {"name": model.bundle.name, "sha256": artifact_sha, "precision": model.precision, "backend": model.backend_name}
     batcher = Batcher(model, cfg.max_batch, cfg.max_delay_ms / 1000.0, cfg.max_queue, on_batch=m["batch"].observe)
@@ -227,7 +229,10 @@ def create_app(cfg: ServeConfig, model=None):
         return JSONResponse({"status": "not ready", "verify": state["verify"]}, status_code=503)
 
     async def model_info(request: Request):
-        return JSONResponse({**model.bundle.manifest.to_dict(), "serving": ident})
+        tuned = model.info.get("profile")
+        return JSONResponse({**model.bundle.manifest.to_dict(), "serving": {**ident, "threads": getattr(model.backend, "threads", None),
+                                                                            "profile": tuned["description"] if tuned else None,
+                                                                            "profile_note": model.info.get("profile_note")}})
 
     async def metrics(request: Request):
         m["queue"].set(batcher.pending)
@@ -281,6 +286,7 @@ def create_app(cfg: ServeConfig, model=None):
         finally:
             gate.release_body(scope)
 
+    counted.model = model  # run_server says what it runs
     return counted
 
 
@@ -320,6 +326,11 @@ def run_server(cfg: ServeConfig) -> None:
         raise EdgeconvError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}; choose another --port") from exc
     port = sock.getsockname()[1]
     print(f"serving {cfg.bundle} on http://{cfg.host}:{port} (max batch {cfg.max_batch}, max delay {cfg.max_delay_ms} ms)", flush=True)
+    running = getattr(app, "model", None)
+    if running is not None:
+        tuned = running.info.get("profile")
+        print(f"running {running.backend_name} {running.precision}" + (f" from the {tuned['description']}" if tuned else "")
+              + (f" ({running.info['profile_note']})" if running.info.get("profile_note") else ""), flush=True)
     protocol = _guarded_protocol(cfg)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30, backlog=2048,
                                            http=protocol or "h11", h11_max_incomplete_event_size=cfg.max_header_bytes))

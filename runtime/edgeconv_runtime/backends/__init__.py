@@ -87,18 +87,22 @@ def available_backends() -> dict:
 
 
 def create_backend(name: str, path: str, threads: Optional[int] = None, spin: bool = True, precision: str = "fp32",
-                   input_name: Optional[str] = None, input_shape=None, batch_profile=None, cache_dir=None) -> Backend:
+                   input_name: Optional[str] = None, input_shape=None, batch_profile=None, cache_dir=None,
+                   tuning: Optional[dict] = None) -> Backend:
     """The backend ``name`` running ``path``; BackendUnavailable (one line) when it cannot run here.
 
     ``precision``, ``input_name``/``input_shape``, ``batch_profile`` (MIN, OPT, MAX; None: 1, 8, 32) and ``cache_dir`` configure
     ONNX Runtime's TensorRT provider (profile shapes, FP16/INT8, engine and timing caches); others ignore them.
+    ``tuning``: the backend's own options (its ``tuning_keys``: what `tune` measures and a device profile records).
     """
     cls = backend_class(name)
+    tuning = cls.check_tuning(tuning)
     ok, why = _status(name)
     if not ok:
         raise BackendUnavailable(f"backend {name} is unavailable here: {why}")
+    extra = {"tuning": tuning} if tuning else {}
     return cls.create(path, threads=threads, spin=spin, precision=precision, input_name=input_name, input_shape=input_shape,
-                      batch_profile=batch_profile, cache_dir=cache_dir)
+                      batch_profile=batch_profile, cache_dir=cache_dir, **extra)
 
 
 __all__ = ["AUTO_ORDER", "BACKENDS", "BACKEND_PRECISIONS", "CPU_BACKENDS", "REGISTRY", "auto_order", "backend_class", "backend_for_file",

@@ -12,6 +12,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import EdgeconvError
 from ..manifest import PRECISIONS
 
 # the bundle's own precisions: what a backend runs unless it declares otherwise
@@ -37,6 +38,7 @@ class Backend:
     cpu = False  # runs on the CPU: its INT8 sums depend on the CPU's instructions (cpuclass.py)
     base = False  # the backend every install has: a broken install of it is an error, never a skip
     file_suffixes: tuple = ()  # a bare file of these suffixes runs on this backend under `auto`
+    tuning_keys: tuple = ()  # the options create() takes in ``tuning`` (`tune` tries them; a profile records them)
 
     # ---- class-level: what the registry asks before one exists
     @classmethod
@@ -52,6 +54,25 @@ class Backend:
     @classmethod
     def auto_rank_for(cls, precision: str) -> float:
         return cls.auto_rank
+
+    @classmethod
+    def tunings(cls, cores: int) -> list:
+        """The (threads, options) settings `tune` measures on a machine with ``cores`` usable cores; threads None is the
+        backend's default, options go to create(tuning=...). The first is the default configuration."""
+        return [(None, {})]
+
+    @classmethod
+    def check_tuning(cls, tuning: Optional[dict]) -> dict:
+        """``tuning`` as create() takes it; one line for an option this backend does not have or a value out of range."""
+        tuning = dict(tuning or {})
+        unknown = sorted(set(tuning) - set(cls.tuning_keys))
+        if unknown:
+            have = ", ".join(cls.tuning_keys) or "none"
+            raise EdgeconvError(f"backend {cls.name} has no option {', '.join(map(str, unknown))} (its options: {have})")
+        streams = tuning.get("streams")
+        if streams is not None and (not isinstance(streams, int) or isinstance(streams, bool) or not 1 <= streams <= 256):
+            raise EdgeconvError(f"streams must be a whole number from 1 to 256, got {streams!r}")
+        return tuning
 
     @classmethod
     def artifact_for(cls, precision: str) -> tuple:
@@ -83,3 +104,29 @@ class Backend:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Streams:
+    """One batch run as ``n`` sub-batches at once, one per stream: OpenVINO's throughput streams, or ONNX Runtime runs
+    on one intra-op thread each. On a few cores a small model often runs n single-threaded sub-batches faster than one
+    n-threaded batch (no synchronisation between the threads inside each layer). ``run_chunk(i, x)`` runs stream i."""
+
+    def __init__(self, n: int, run_chunk):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.n, self.run_chunk = n, run_chunk
+        self.pool = ThreadPoolExecutor(n - 1, thread_name_prefix="edgeconv-stream") if n > 1 else None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.pool is None or len(x) < 2:
+            return self.run_chunk(0, x)
+        k = min(self.n, len(x))
+        bounds = np.linspace(0, len(x), k + 1).astype(int)
+        futures = [self.pool.submit(self.run_chunk, i, x[bounds[i]:bounds[i + 1]]) for i in range(1, k)]
+        first = self.run_chunk(0, x[bounds[0]:bounds[1]])  # the caller's thread is stream 0
+        return np.concatenate([first] + [f.result() for f in futures])
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)
+            self.pool = None

@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import BackendUnavailable, EdgeconvError, first_line
-from .base import Backend
+from .base import Backend, Streams
 from .ort import default_threads
 
 INSTALL_HINT = "OpenVINO is not installed; pip install 'edgeconv-runtime[openvino]'"
@@ -102,6 +102,21 @@ class OpenVinoBackend(Backend):
     extra = "openvino"
     auto_rank = 50.0  # after onnxruntime-cpu: measured no faster for fp32 / int8 (see auto_rank_for)
     cpu = True
+    tuning_keys = ("hint", "streams")
+    HINTS = ("LATENCY", "THROUGHPUT")
+
+    @classmethod
+    def tunings(cls, cores: int) -> list:
+        # OpenVINO's two performance hints: LATENCY (one stream, every thread on one request) and THROUGHPUT (streams and
+        # requests as OpenVINO picks them for this CPU; a batch is split over the requests)
+        return [(None, {}), (None, {"hint": "THROUGHPUT"})]
+
+    @classmethod
+    def check_tuning(cls, tuning):
+        tuning = super().check_tuning(tuning)
+        if tuning.get("hint", "LATENCY") not in cls.HINTS:
+            raise EdgeconvError(f"OpenVINO hint must be one of {', '.join(cls.HINTS)}, got {tuning['hint']!r}")
+        return tuning
 
     @classmethod
     def status(cls) -> tuple:
@@ -118,8 +133,9 @@ class OpenVinoBackend(Backend):
         return 35.0 if precision in OPENVINO_FIRST else cls.auto_rank
 
     @classmethod
-    def create(cls, path: str, threads: Optional[int] = None, spin: bool = True, precision: str = "fp32", **_) -> "OpenVinoBackend":
-        return cls(path, threads=threads, precision=precision)
+    def create(cls, path: str, threads: Optional[int] = None, spin: bool = True, precision: str = "fp32", tuning=None,
+               **_) -> "OpenVinoBackend":
+        return cls(path, threads=threads, precision=precision, tuning=tuning)
 
     def io_shapes(self) -> Optional[tuple]:
         compiled = self.compiled
@@ -131,7 +147,7 @@ class OpenVinoBackend(Backend):
 
         return dims(compiled.input(0)), dims(compiled.output(0))
 
-    def __init__(self, path: str, threads: Optional[int] = None, precision: str = "fp32"):
+    def __init__(self, path: str, threads: Optional[int] = None, precision: str = "fp32", tuning: Optional[dict] = None):
         if precision not in PRECISION_HINTS:
             raise BackendUnavailable(f"backend openvino-cpu runs {', '.join(PRECISION_HINTS)}, not {precision}; "
                                      "use onnxruntime-cpu for it")
@@ -143,10 +159,15 @@ class OpenVinoBackend(Backend):
         self.path = str(path)
         self.precision = precision
         self.threads = int(threads or default_threads())
-        # LATENCY: one stream, every thread on one request (batch 1 is the device's common case; a batch of 32
-        # is one request too). f32 pinned for fp32/int8, or OpenVINO would run them in bf16 on a bf16 CPU.
+        self.tuning = type(self).check_tuning(tuning)
+        self.hint = self.tuning.get("hint", "LATENCY")
+        # LATENCY (default): one stream, every thread on one request (batch 1 is the device's common case; a batch of 32
+        # is one request too). THROUGHPUT (`tune` tries it): OpenVINO's streams, a batch split over one request each.
+        # f32 pinned for fp32/int8, or OpenVINO would run them in bf16 on a bf16 CPU.
         config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "INFERENCE_NUM_THREADS": self.threads,
-                  "PERFORMANCE_HINT": "LATENCY"}
+                  "PERFORMANCE_HINT": self.hint}
+        if self.tuning.get("streams"):
+            config["NUM_STREAMS"] = int(self.tuning["streams"])
         try:
             # One compiled model for every batch size. A static batch-1 copy beside it ran batch 1 ~15 % faster, but
             # OpenVINO picked other INT8 kernels for it: efficientnet_lite0's logits moved by up to 0.18 between batch 1
@@ -159,25 +180,36 @@ class OpenVinoBackend(Backend):
         if got != PRECISION_HINTS[precision]:  # a plugin that ignores the hint would run another precision than asked
             raise BackendUnavailable(f"OpenVINO compiled the model for {got} instead of {PRECISION_HINTS[precision]}; "
                                      "use another precision or backend")
-        self.request = self.compiled.create_infer_request()
+        self.streams = 1
+        if self.hint == "THROUGHPUT":
+            self.streams = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self.requests = [self.compiled.create_infer_request() for _ in range(self.streams)]
+        self.request = self.requests[0]
+        self._split = Streams(self.streams, self._run_request)
         self._lock = threading.Lock()  # an infer request runs one inference at a time; ONNX Runtime's run() is thread-safe
         self._closed = False
+
+    def _run_request(self, i: int, x: np.ndarray) -> np.ndarray:
+        request = self.requests[i]
+        request.infer({0: x}, share_inputs=True)
+        # the output tensor is the request's own buffer, rewritten by the next call: copy it out
+        return request.get_output_tensor(0).data.copy()
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         with self._lock:
             if self._closed:
                 raise EdgeconvError("this model was closed; load it again (Model.load) to run it")
-            self.request.infer({0: x}, share_inputs=True)
-            # the output tensor is the request's own buffer, rewritten by the next call: copy it out
-            return self.request.get_output_tensor(0).data.copy()
+            return self._split(x)
 
     def close(self) -> None:
         """Release the compiled model; running the backend afterwards raises. Safe to call twice."""
         with self._lock:
             self._closed = True
             self.request = None
+            self.requests = []
             self.compiled = None
+            self._split.close()
 
     def describe(self) -> dict:
         return {"backend": self.name, "threads": self.threads, "inference_precision": PRECISION_HINTS[self.precision],
-                "performance_hint": "LATENCY", "openvino": _CORE.get("version")}
+                "performance_hint": self.hint, "streams": self.streams, "openvino": _CORE.get("version")}

@@ -16,7 +16,7 @@ from ..fileio import sha256_file
 from .. import ortbuild
 from ..gpu import gpu_info
 from ..manifest import PRECISIONS
-from .base import Backend
+from .base import Backend, Streams
 
 
 def ort_provider_status(provider: str) -> tuple:
@@ -268,10 +268,17 @@ class OrtBackend(Backend):
 
     def __init__(self, path: str, provider: str = "CPUExecutionProvider", threads: Optional[int] = None, spin: bool = True,
                  precision: str = "fp32", input_name: Optional[str] = None, input_shape=None, batch_profile=DEFAULT_BATCH_PROFILE,
-                 cache_dir=None, device_id: int = 0, arena: bool = True):
+                 cache_dir=None, device_id: int = 0, arena: bool = True, tuning: Optional[dict] = None):
         """``arena`` False: CPU buffers go back to the system after each run instead of into ONNX Runtime's
-        arena, which keeps what the largest run needed (training's frozen parts run beside PyTorch)."""
+        arena, which keeps what the largest run needed (training's frozen parts run beside PyTorch).
+
+        ``tuning`` (what `tune` measures): ``arena`` as above, ``mem_pattern`` False turns ONNX Runtime's memory-pattern
+        planning off, ``streams`` N runs a batch as N sub-batches at once, each on ``threads`` intra-op threads."""
         import onnxruntime as ort
+
+        tuning = type(self).check_tuning(tuning) if type(self).tuning_keys else {}
+        arena = bool(tuning.get("arena", arena))
+        streams = tuning.get("streams") or 1
 
         # the backend name of this provider, as the subclass for it declares (OrtBackend(path, provider=...) is one too)
         self.name = next((c.name for c in OrtBackend.__subclasses__() if c.provider == provider), provider)
@@ -288,10 +295,14 @@ class OrtBackend(Backend):
         so.intra_op_num_threads = threads or default_threads()
         so.inter_op_num_threads = 1
         so.enable_cpu_mem_arena = arena
+        if tuning.get("mem_pattern") is not None:
+            so.enable_mem_pattern = bool(tuning["mem_pattern"])
         if not spin:
             # a server shares its cores with decoding and HTTP: idle inference threads must sleep, not spin
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.threads = so.intra_op_num_threads
+        self.tuning = tuning
+        self._streams = None
         key = "model"
         if provider == "TensorrtExecutionProvider":
             if input_name is None or input_shape is None:
@@ -323,6 +334,9 @@ class OrtBackend(Backend):
         self._run = self.session.run
         if self.max_batch:  # the TensorRT profile caps the batch: larger ones run in slices
             self.infer = self._infer_in_slices
+        elif streams > 1:
+            self._streams = Streams(streams, lambda i, x: self._run(self.output_names, {self.input_name: x})[0])
+            self.infer = self._streams
 
     def _session(self, ort, so, providers: list):
         """The session, with no fallback of onnxruntime's own: ``enable_fallback=0`` makes a provider that cannot start
@@ -375,7 +389,8 @@ class OrtBackend(Backend):
     def create(cls, path: str, threads: Optional[int] = None, spin: bool = True, precision: str = "fp32", input_name=None,
                input_shape=None, batch_profile=None, cache_dir=None, **_) -> "OrtBackend":
         return cls(path, provider=cls.provider, threads=threads, spin=spin, precision=precision, input_name=input_name,
-                   input_shape=input_shape, batch_profile=batch_profile or DEFAULT_BATCH_PROFILE, cache_dir=cache_dir)
+                   input_shape=input_shape, batch_profile=batch_profile or DEFAULT_BATCH_PROFILE, cache_dir=cache_dir,
+                   tuning=_.get("tuning"))
 
     def io_shapes(self) -> Optional[tuple]:
         session = self.session
@@ -396,9 +411,13 @@ class OrtBackend(Backend):
         """Release the session (and its GPU memory); running the backend afterwards raises. Safe to call twice."""
         self.session = None
         self._run = _closed
+        if getattr(self, "_streams", None) is not None:
+            self._streams.close()
 
     def describe(self) -> dict:
         d = {"backend": self.name, "providers": self.providers, "threads": self.threads}
+        if self.tuning:
+            d["tuning"] = dict(self.tuning)
         if self.cache_dir is not None:
             d["trt_cache"] = str(self.cache_dir)
             d["max_batch"] = self.max_batch
@@ -416,6 +435,18 @@ class OrtCpuBackend(OrtBackend):
     cpu = True
     base = True
     file_suffixes = (".onnx",)
+    tuning_keys = ("arena", "mem_pattern", "streams")
+
+    @classmethod
+    def tunings(cls, cores: int) -> list:
+        # the default (physical cores), every core, one thread; one stream per core at one thread each; the arena and
+        # the memory-pattern planner off at the default threads (they matter where batch sizes change between runs)
+        physical = default_threads()
+        out = [(None, {})] + [(t, {}) for t in dict.fromkeys((cores, 1)) if t != physical]
+        if cores > 1:
+            out.append((1, {"streams": cores}))
+        out += [(None, {"arena": False}), (None, {"mem_pattern": False})]
+        return out
 
 
 class OrtCudaBackend(OrtBackend):

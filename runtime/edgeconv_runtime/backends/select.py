@@ -40,20 +40,29 @@ class _Skip(Exception):
 
 
 def select_backend(bundle, backend: str = "auto", precision: str = "fp32", check_hash: bool = True, threads: Optional[int] = None,
-                   spin: bool = True, batch_profile=None, cache_dir=None, create: Callable = create_backend) -> Choice:
+                   spin: bool = True, batch_profile=None, cache_dir=None, create: Callable = create_backend, tuning: Optional[dict] = None,
+                   int8_variant: Optional[str] = None) -> Choice:
     """The first backend of ``auto_order(precision)`` (or the one named) that starts with an artifact of ``bundle``.
 
-    ``create`` makes the backend (create_backend's signature). A file that fails its sha256 is an error, never a skip."""
+    ``create`` makes the backend (create_backend's signature). A file that fails its sha256 is an error, never a skip.
+    ``tuning``: the named backend's own options; ``int8_variant``: run that INT8 graph on a CPU backend (`tune` measured
+    it on this CPU) instead of the one validated for this CPU's class; it is still checked against the reference outputs."""
     if backend != "auto":
-        backend_class(backend)  # an unknown name is an error before anything else
+        backend_class(backend).check_tuning(tuning)  # an unknown name or option is an error before anything else
+    elif tuning:
+        raise EdgeconvError("backend options (tuning) belong to one backend: name it instead of auto")
+    if int8_variant is not None and int8_variant not in CPU_INT8_VARIANTS + ("tensorrt",):
+        raise EdgeconvError(f"unknown INT8 graph variant {int8_variant!r}; use one of {', '.join(CPU_INT8_VARIANTS + ('tensorrt',))}")
     status = available_backends()
     options = {"precision": precision, "input_name": bundle.manifest.input.get("name"), "input_shape": tuple(bundle.preprocess.input_shape),
                "batch_profile": batch_profile, "cache_dir": cache_dir}
+    if tuning:
+        options["tuning"] = tuning
     skipped = []
     for name in auto_order(precision) if backend == "auto" else (backend,):
         try:
             choice = _attempt(bundle, name, status[name], precision, check_hash, backend == "auto",
-                              lambda path: create(name, path, threads, spin, **options))
+                              lambda path: create(name, path, threads, spin, **options), int8_variant)
         except _Skip as skip:
             if backend == "auto":
                 skipped.append(f"{name}: {skip.reason}")
@@ -66,7 +75,8 @@ def select_backend(bundle, backend: str = "auto", precision: str = "fp32", check
     raise BackendUnavailable(f"no backend can run this bundle: {'; '.join(skipped)}")
 
 
-def _attempt(bundle, name: str, status: tuple, precision: str, check_hash: bool, auto: bool, start: Callable) -> Choice:
+def _attempt(bundle, name: str, status: tuple, precision: str, check_hash: bool, auto: bool, start: Callable,
+             int8_variant: Optional[str] = None) -> Choice:
     ok, why = status
     if not ok:
         raise _Skip(why, BackendUnavailable(f"backend {name} is unavailable here: {why}"))
@@ -76,7 +86,12 @@ def _attempt(bundle, name: str, status: tuple, precision: str, check_hash: bool,
     cls = REGISTRY[name]
     fmt, stored, variant = cls.artifact_for(precision)
     cpu_int8 = stored == "int8" and cls.cpu
-    if cpu_int8 and bundle.has("onnx", "int8"):
+    if cpu_int8 and int8_variant is not None:
+        if not bundle.has("onnx", "int8", int8_variant):
+            raise _Skip(f"bundle has no {int8_variant} INT8 graph", EdgeconvError(
+                f"bundle has no {int8_variant} INT8 graph; run `edgeconv-runtime tune` again (the bundle changed)"))
+        variant = int8_variant
+    elif cpu_int8 and bundle.has("onnx", "int8"):
         variant, why = cpu_int8_variant(bundle)
         if variant is None:
             bundle.wait_checked()
