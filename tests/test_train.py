@@ -1,8 +1,5 @@
 import json
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -13,6 +10,7 @@ from edgeconv.data import load_dataset
 from edgeconv.training import TrainConfig, train
 from edgeconv.training.loaders import InMemoryLoader
 from edgeconv_runtime.preprocess import Preprocess, preprocess_images
+from interrupt_helpers import interrupt_when
 
 PRE28 = Preprocess(size=(28, 28), channels=1, mean=(0.0,), std=(1.0,))
 
@@ -117,23 +115,8 @@ def test_ctrl_c_keeps_the_best_checkpoint(tmp_path):
     """
     out = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "edgeconv", "train", "--data", "mnist-5k", "--model", "chollet_mnist", "--epochs", "200", "--out", str(out)]
-    # SIG_IGN survives exec; a launcher rather than preexec_fn, which is unsafe in a process with threads
-    launcher = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); os.execv(sys.argv[1], sys.argv[1:])"
-    with open(tmp_path / "stderr.txt", "w+") as errf:
-        proc = subprocess.Popen([sys.executable, "-c", launcher, *cmd], stdout=subprocess.DEVNULL, stderr=errf)
-        try:
-            deadline = time.time() + 120
-            while not (out / "model.pt").exists() and time.time() < deadline and proc.poll() is None:
-                time.sleep(0.2)
-            assert (out / "model.pt").exists(), (tmp_path / "stderr.txt").read_text() if proc.poll() is not None else "no checkpoint in 120 s"
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        err = (tmp_path / "stderr.txt").read_text()
-    assert proc.returncode == 130, err
+    code, err = interrupt_when(cmd, lambda _: (out / "model.pt").exists(), tmp_path / "stderr.txt", not_ready="no checkpoint")
+    assert code == 130, err
     assert "Traceback" not in err
     m = json.loads((out / "metrics.json").read_text())
     assert m["interrupted"] is True and m["epochs_run"] < 200

@@ -140,7 +140,7 @@ def write_profile(root, doc: dict, sign_key=None) -> str:
     (listing it with its sha256) rewritten atomically and sealed; model files are never touched. A signed bundle is
     signed again with ``sign_key`` (required: a new manifest would not match the old signature). Returns the path."""
     from .fileio import atomic_write_bytes, sha256_file
-    from .manifest import SIGNATURE_NAME, read_manifest, write_manifest
+    from .manifest import read_manifest, write_manifest
 
     root = Path(root)
     check_writable(root, sign_key)

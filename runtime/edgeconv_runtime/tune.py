@@ -8,8 +8,10 @@
 3. Each surviving engine x its backend's settings (threads, streams, arena, OpenVINO's hints) x batch size is timed
    in alternating rounds: every round visits every candidate once, each time after two warm-up runs, and a
    candidate's figure is the median of its rounds, so a burst of noise costs one round of one candidate, not the choice.
-4. The best by the objective (latency: p50 at the smallest batch; throughput: images/s at any batch) wins; rows within
-   ``TIE`` of it count as equal and the most accurate of those (then the simplest configuration) is chosen.
+   The FINALISTS best, with the default configuration beside them, are then timed again head to head (more rounds,
+   longer each): a candidate that was lucky once does not win on it.
+4. The best finalist by the objective (latency: p50 at the smallest batch; throughput: images/s at any batch) wins; rows
+   within ``TIE`` of it count as equal and the most accurate of those (then the simplest configuration) is chosen.
 5. The choice goes into the bundle as this device's profile (profiles.py); a stop at the budget keeps the best so
    far; Ctrl-C writes nothing.
 """
@@ -30,6 +32,7 @@ OBJECTIVES = ("latency", "throughput")
 TIE = 0.03  # rows within 3 % of the best figure are a tie: noise on a busy machine is that large
 WARMUP = 2
 MIN_CALLS = 3
+FINALISTS = 4  # the best of the screening rounds, re-measured head to head (with the default configuration)
 EVAL_BATCH = 32
 
 
@@ -71,8 +74,7 @@ class _Candidate:
     threads: Optional[int]
     options: dict
     model: object = None
-    times: dict = field(default_factory=dict)  # batch -> [per-round median seconds]
-    samples: dict = field(default_factory=dict)  # batch -> every timed call's seconds
+    stages: dict = field(default_factory=dict)  # "screening" | "final" -> batch -> {"medians": per round, "samples": every call}
 
     @property
     def config(self) -> str:
@@ -242,8 +244,13 @@ def run_tune(cfg: TuneConfig) -> dict:
             _write_json(cfg, result)
             return result
         batches = _batch_sizes(cfg, candidates)
-        stopped_early |= _time_rounds(cfg, candidates, x, batches, deadline, say)
-        rows = _rows(candidates, batches)
+        inputs = {b: np.ascontiguousarray(np.resize(x, (b, *x.shape[1:]))) for b in batches}
+        pairs = [(c, b) for b in batches for c in candidates if not (c.engine.fixed_batch and b != c.engine.fixed_batch)]
+        stopped_early |= _time_rounds(cfg, pairs, inputs, cfg.rounds, cfg.slice_s, deadline, say)
+        if not stopped_early and len(candidates) > 1:
+            finals = _finalists(cfg, _rows(candidates, batches))
+            stopped_early |= _time_rounds(cfg, finals, inputs, max(3, cfg.rounds), 2 * cfg.slice_s, deadline, say, stage="final")
+        rows = [row for _, row in _rows(candidates, batches)]
         chosen = _choose(cfg, rows)
         result = _result(cfg, bundle, started, t_start, rows, skipped, chosen, source, fp32_acc, stopped_early)
         if chosen is not None and cfg.write_profile:
@@ -327,13 +334,12 @@ def _batch_sizes(cfg: TuneConfig, candidates: list) -> list:
     return sizes[:1] if cfg.objective == "latency" else sizes
 
 
-def _time_rounds(cfg: TuneConfig, candidates: list, x: np.ndarray, batches: list, deadline: float, say) -> bool:
-    """Alternating rounds over every candidate x batch size until ``cfg.rounds`` or the deadline; True when the deadline
-    cut it short (what was measured stands)."""
-    inputs = {b: np.ascontiguousarray(np.resize(x, (b, *x.shape[1:]))) for b in batches}
-    pairs = [(c, b) for b in batches for c in candidates if not (c.engine.fixed_batch and b != c.engine.fixed_batch)]
+def _time_rounds(cfg: TuneConfig, pairs: list, inputs: dict, rounds: int, slice_s: float, deadline: float, say,
+                 stage: str = "screening") -> bool:
+    """Alternating rounds over the (candidate, batch size) ``pairs`` until ``rounds`` or the deadline; True when the
+    deadline cut it short (what was measured stands). Figures go to each candidate's ``stage`` record."""
     perf = time.perf_counter
-    for r in range(max(1, cfg.rounds)):
+    for r in range(max(1, rounds)):
         order = pairs[r % len(pairs):] + pairs[: r % len(pairs)]  # each round starts somewhere else, and every other one runs backwards
         if r % 2:
             order.reverse()
@@ -345,34 +351,59 @@ def _time_rounds(cfg: TuneConfig, candidates: list, x: np.ndarray, batches: list
             run = cand.model.run
             for _ in range(WARMUP):
                 run(xb)
-            times, end = [], perf() + cfg.slice_s
+            times, end = [], perf() + slice_s
             while len(times) < MIN_CALLS or perf() < end:
                 t = perf()
                 run(xb)
                 times.append(perf() - t)
-            cand.times.setdefault(b, []).append(float(np.median(times)))
-            cand.samples.setdefault(b, []).extend(times)
-        say(f"round {r + 1}/{cfg.rounds}: {len(order)} measurements in {perf() - t_round:.1f} s")
+            record = cand.stages.setdefault(stage, {})
+            record.setdefault(b, {"medians": [], "samples": []})
+            record[b]["medians"].append(float(np.median(times)))
+            record[b]["samples"].extend(times)
+        say(f"{stage} round {r + 1}/{rounds}: {len(order)} measurements in {perf() - t_round:.1f} s")
         if perf() > deadline:
-            return r + 1 < cfg.rounds
+            return r + 1 < rounds
     return False
 
 
+def _figures(record: dict, b: int) -> dict:
+    p50 = float(np.median(record[b]["medians"])) * 1e3
+    return {"p50_ms": p50, "p99_ms": float(np.percentile(np.asarray(record[b]["samples"]) * 1e3, 99)), "throughput_ips": b * 1e3 / p50,
+            "rounds": len(record[b]["medians"]), "calls": len(record[b]["samples"])}
+
+
 def _rows(candidates: list, batches: list) -> list:
-    rows = []
+    """(candidate, row) for every candidate x batch size measured; a finalist's figures are its final rounds' (its
+    screening p50 kept beside them)."""
+    out = []
     for c in candidates:
+        screening, final = c.stages.get("screening", {}), c.stages.get("final", {})
         for b in batches:
-            if b not in c.times:
+            if b not in screening:
                 continue
-            p50 = float(np.median(c.times[b])) * 1e3
-            samples = np.asarray(c.samples[b]) * 1e3
-            rows.append({"backend": c.engine.backend, "precision": c.engine.precision, "int8_variant": c.engine.int8_variant,
-                         "threads": c.threads or getattr(c.model.backend, "threads", None), "options": dict(c.options),
-                         "default_threads": c.threads is None, "config": c.config, "batch": b, "p50_ms": p50,
-                         "p99_ms": float(np.percentile(samples, 99)), "throughput_ips": b * 1e3 / p50, "rounds": len(c.times[b]),
-                         "calls": int(len(samples)), "accuracy": c.engine.accuracy, "agreement": c.engine.agreement,
-                         "drop_points": c.engine.drop, "chosen": False})
-    return rows
+            row = {"backend": c.engine.backend, "precision": c.engine.precision, "int8_variant": c.engine.int8_variant,
+                   "threads": c.threads or getattr(c.model.backend, "threads", None), "options": dict(c.options),
+                   "default_threads": c.threads is None, "config": c.config, "batch": b, **_figures(screening, b),
+                   "accuracy": c.engine.accuracy, "agreement": c.engine.agreement, "drop_points": c.engine.drop, "final": b in final,
+                   "chosen": False}
+            if b in final:
+                row["screening_p50_ms"] = row["p50_ms"]
+                row.update(_figures(final, b))
+            out.append((c, row))
+    return out
+
+
+def _finalists(cfg: TuneConfig, pairs: list) -> list:
+    """The FINALISTS best (candidate, batch) by their screening figures, and the first candidate (the first backend's
+    defaults: what `auto` runs) at its best batch size: re-measured head to head, so a lucky screening round does not
+    pick the winner and the choice is never slower than the default by more than noise."""
+    ranked = sorted(pairs, key=lambda cr: -_score(cfg, cr[1]))
+    picked = ranked[:FINALISTS]
+    first = [cr for cr in ranked if cr[0] is pairs[0][0]][:1]
+    for cr in first:
+        if all(cr[0] is not c or cr[1]["batch"] != r["batch"] for c, r in picked):
+            picked.append(cr)
+    return [(c, r["batch"]) for c, r in picked]
 
 
 def _score(cfg: TuneConfig, row: dict) -> float:
@@ -385,9 +416,10 @@ def _choose(cfg: TuneConfig, rows: list) -> Optional[dict]:
     measured first: the backend's default settings) wins."""
     if not rows:
         return None
-    best = max(_score(cfg, r) for r in rows)
+    pool = [r for r in rows if r["final"]] or rows  # the finalists' head-to-head figures decide, where they were measured
+    best = max(_score(cfg, r) for r in pool)
     margin = abs(best) * TIE
-    tied = [r for r in rows if _score(cfg, r) >= best - margin]
+    tied = [r for r in pool if _score(cfg, r) >= best - margin]
     quality = lambda r: r["accuracy"] if r["accuracy"] is not None else r["agreement"]  # noqa: E731
     chosen = max(tied, key=lambda r: (round(quality(r), 6), -rows.index(r)))
     chosen["chosen"] = True
@@ -410,7 +442,8 @@ def _result(cfg, bundle, started, t_start, rows, skipped, chosen, source, fp32_a
 
 
 def _sorted(cfg: TuneConfig, rows: list) -> list:
-    return sorted(rows, key=lambda r: (-_score(cfg, r), r["batch"]))
+    """The finalists first (their head-to-head figures), then the rest by their screening figures."""
+    return sorted(rows, key=lambda r: (not r["final"], -_score(cfg, r), r["batch"]))
 
 
 def _write_json(cfg: TuneConfig, result: dict) -> None:
@@ -440,13 +473,14 @@ def format_tune_table(result: dict) -> str:
     lines = [" ".join(cell(h, w, i in (0, 1, 2, 3)) for i, (h, w) in enumerate(COLUMNS))]
     for r in result["rows"]:
         quality = r["accuracy"] if r["accuracy"] is not None else r["agreement"]
-        vals = ("*" if r["chosen"] else "", r["backend"], r["precision"], r["config"], r["batch"], r["p50_ms"], r["p99_ms"],
+        vals = ("*" if r["chosen"] else "+" if r["final"] else "", r["backend"], r["precision"], r["config"], r["batch"], r["p50_ms"], r["p99_ms"],
                 r["throughput_ips"], None if quality is None else f"{quality * 100:.2f}%", None if r["drop_points"] is None else f"{r['drop_points']:.2f}")
         lines.append(" ".join(cell(v, w, i in (0, 1, 2, 3)) for i, (v, (_, w)) in enumerate(zip(vals, COLUMNS))))
     for s in result["skipped"]:
         what = " ".join(str(s[k]) for k in ("backend", "precision", "int8_variant", "config") if s.get(k))
         lines.append(f"skipped {what}: {s['reason']}"[:300])
     chosen = result.get("chosen")
+    lines.append("(* chosen; + finalist, timed again head to head: its figures are those rounds'; the others: screening rounds)")
     head = (f"objective {result['objective']} (max drop {result['max_drop']} points; {result['data']}); "
             f"tuned in {result['seconds']:.1f} s" + (" (stopped at --budget-s: best so far)" if result.get("stopped_early") else ""))
     lines.append(head)
