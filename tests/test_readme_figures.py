@@ -54,3 +54,18 @@ def test_readme_tells_a_newcomer_where_things_are():
     assert "apt-get" in makefile and "dataset-fashion-mnist" in makefile  # what the README says make test does
     assert "`make test` also installs a\nsystem package with `apt-get`" in readme and "`dataset-fashion-mnist`" in readme
     assert "make data" in readme and "$EDGECONV_DATA" in readme and "data-bound tests skip" in readme
+
+
+def test_readme_tune_table_matches_tune_json():
+    """The README's tune table (benchmarks/tune.py) is benchmarks/results/tune.json's summary: every row's figures and ratios."""
+    r = json.loads((ROOT / "benchmarks" / "results" / "tune.json").read_text())
+    text = (ROOT / "README.md").read_text()
+    assert "benchmarks/tune.py" in text and len(r["summary"]) == 4
+    for s in r["summary"]:
+        line = next((l for l in text.splitlines() if l.startswith(f"| {s['model']} | {s['objective']} |")), None)
+        assert line is not None, s
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert _num(cells[3]) == round(s["tuned ms"], 3) and _num(cells[4]) == round(s["auto ms"], 3), (line, s)
+        assert cells[5] == f"{s['best peer']} ({s['peer ms']:.3f})", (line, s)
+        assert cells[6] == f"{s['tuned/auto speed']:.2f}x" and cells[7] == f"{s['tuned/best peer speed']:.2f}x", (line, s)
+        assert cells[2].startswith(s["tuned"].split(" (")[0].split(",")[0]), (line, s)
