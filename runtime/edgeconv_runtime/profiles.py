@@ -54,7 +54,7 @@ def device_identity() -> dict:
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        cores = os.cpu_count()
+        cores = os.cpu_count() or 1
     gpu = gpu_info() or {}
     return {"machine": platform.machine(), "cpu": _cpu_model(), "cores": cores, "cpu_class": cpu_class(),
             "gpu": gpu.get("name"), "gpu_compute_capability": gpu.get("compute_capability"), "jetson": jetson_model()}

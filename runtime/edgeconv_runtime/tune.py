@@ -218,7 +218,7 @@ def run_tune(cfg: TuneConfig) -> dict:
         fp32_acc = float((ref.argmax(1) == labels).mean()) if labels is not None else None
         say(f"reference: FP32 on onnxruntime-cpu, {source}" + (f", accuracy {fp32_acc * 100:.2f} %" if fp32_acc is not None else ""))
         engines = _engines(bundle, cfg, skipped)
-        cores = _cores()
+        cores = device_identity()["cores"]  # the cores this process may use, as the profile records them
         for i, engine in enumerate(engines):
             if time.perf_counter() > deadline and candidates:
                 stopped_early = True
@@ -272,15 +272,6 @@ def run_tune(cfg: TuneConfig) -> dict:
         for c in candidates:
             if c.model is not None:
                 c.model.close()
-
-
-def _cores() -> int:
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _accuracy_pass(cfg, engine: _Engine, x, labels, ref, fp32_acc, skipped: list, say):
