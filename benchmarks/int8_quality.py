@@ -149,17 +149,19 @@ def ort_defaults(fp32: Path, dst: Path, calib: np.ndarray) -> None:
     quantize_static(str(prep), str(dst), Reader())
 
 
-def ours(fp32: Path, work: Path, calib: np.ndarray, method: str = "minmax") -> dict:
-    """edgeconv's graphs as the calibration writes them, before any node is kept in float (fit_to_budget's first step)."""
+def ours(fp32: Path, work: Path, calib: np.ndarray) -> dict:
+    """edgeconv's graphs as the calibration writes them, before any node is kept in float: from min/max ranges and from
+    99.99th-percentile ranges (the two that "auto", the default, tries in that order)."""
     from edgeconv_export.int8 import RECIPES
     from edgeconv_export.precision import Int8Writer
 
-    writer = Int8Writer(fp32, calib, method, work)
+    writer = Int8Writer(fp32, calib, "auto", work)
     out = {}
     try:
-        for r in ("cpu", "portable"):
-            out[f"edgeconv-{r}"] = work / f"edgeconv_{r}.onnx"
-            writer.write(out[f"edgeconv-{r}"], RECIPES[r])
+        for ranges in writer.ranges:
+            for r in ("cpu", "portable"):
+                out[f"edgeconv-{r} ({ranges})"] = work / f"edgeconv_{r}_{ranges}.onnx"
+                writer.write(out[f"edgeconv-{r} ({ranges})"], RECIPES[r], ranges=ranges)
     finally:
         writer.close()
     return out
@@ -226,6 +228,23 @@ def imagenet_model(work: Path) -> tuple:
     return onnx_path, preprocess_images(calib, pre), preprocess_images(val, pre), pre
 
 
+OV_EVAL_SCRIPT = r'''
+import sys, numpy as np, openvino as ov
+x = np.load(sys.argv[2])
+c = ov.Core().compile_model(sys.argv[1], "CPU", {"INFERENCE_NUM_THREADS": "1"})
+np.save(sys.argv[3], np.concatenate([np.asarray(c(x[i:i + 1])[0]) for i in range(len(x))]).astype(np.float32))
+'''
+
+
+def nncf_ac_logits(work: Path, x: np.ndarray) -> np.ndarray:
+    """The logits of NNCF's accuracy-controlled OpenVINO model on ``x`` (run in the NNCF environment)."""
+    np.save(work / "ov_x.npy", x)
+    (work / "ov_eval.py").write_text(OV_EVAL_SCRIPT)
+    subprocess.run([str(nncf_venv()), str(work / "ov_eval.py"), str(work / "nncf_ac.xml"), str(work / "ov_x.npy"), str(work / "ov_out.npy")],
+                   check=True)
+    return np.load(work / "ov_out.npy")
+
+
 def nncf_venv() -> Path:
     py = NNCF_VENV / "bin" / "python"
     if not py.exists():
@@ -248,7 +267,8 @@ def run_nncf(fp32: Path, calib: np.ndarray, val: np.ndarray, ref: np.ndarray, wo
     return out
 
 
-def study(name: str, fp32: Path, calib: np.ndarray, val: np.ndarray, labels, work: Path, args, shipped: dict, qat: dict = None) -> dict:
+def study(name: str, fp32: Path, calib: np.ndarray, val: np.ndarray, labels, work: Path, args, shipped: dict, qat: dict = None,
+          held_out: np.ndarray = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     print(f"== {name}: {len(calib)} calibration, {len(val)} validation images", flush=True)
     graphs = {}
@@ -272,15 +292,29 @@ def study(name: str, fp32: Path, calib: np.ndarray, val: np.ndarray, labels, wor
     rows = {k: {"native": scores(ref, v, labels)} for k, v in native.items()}
     if (work / "nncf_ac_logits.npy").exists():
         rows["nncf-accuracy-control (OpenVINO)"] = {"native": scores(ref, np.load(work / "nncf_ac_logits.npy"), labels)}
-    if args.emulate:
+    if args.emulate:  # the graphs a user ships, judged against FP32 on this CPU (FP32 itself is checked on a few images)
         idx = np.linspace(0, len(val) - 1, min(args.emu_images, len(val))).astype(int)
-        emu = evaluate({"fp32": fp32, **graphs}, val[idx], work, emulate=True)
-        ref_e = emu.pop("fp32")
+        chosen = {k: v for k, v in graphs.items() if any(k.startswith(p) for p in args.emu_rows.split(","))}
+        t0 = time.time()
+        emu = evaluate(chosen, val[idx], work, emulate=True)
+        few = idx[: args.emu_fp32_images]
+        fp32_emu = evaluate({"fp32": fp32}, val[few], work, emulate=True)["fp32"]
         for k, v in emu.items():
-            rows[k]["emulated_avx2"] = scores(ref_e, v, None if labels is None else labels[idx])
-        rows["_emulated_fp32_vs_native"] = {"max_abs_diff": float(np.abs(ref_e - ref[idx]).max()), "images": int(len(idx))}
+            rows[k]["emulated_avx2"] = scores(ref[idx], v, None if labels is None else labels[idx])
+        rows["_emulated_fp32_vs_native"] = {"max_abs_diff": float(np.abs(fp32_emu - ref[few]).max()), "images": int(len(few)),
+                                            "top1_same": bool((fp32_emu.argmax(1) == ref[few].argmax(1)).all()),
+                                            "int8_images": int(len(idx)), "seconds": round(time.time() - t0, 1)}
+    if held_out is not None:  # photos neither calibration nor the export's judgement saw
+        chosen = {k: v for k, v in graphs.items() if k.startswith(("bundle-", "nncf-"))}
+        held = evaluate({"fp32": fp32, **chosen}, held_out, work)
+        ref_h = held.pop("fp32")
+        for k, v in held.items():
+            rows[k]["held_out"] = scores(ref_h, v, None)
+        if (work / "nncf_ac.xml").exists():
+            rows["nncf-accuracy-control (OpenVINO)"]["held_out"] = scores(ref_h, nncf_ac_logits(work, held_out), None)
     spd = speed(fp32, {k: v for k, v in graphs.items() if not k.startswith("ort-")}, val[:1])
     return {"model": name, "calibration_images": int(len(calib)), "validation_images": int(len(val)), "labelled": labels is not None,
+            "held_out_images": 0 if held_out is None else int(len(held_out)),
             "rows": rows, "speed": spd, "nncf": nncf_info, "seconds": {"ort_defaults": round(t_ort, 1), "edgeconv_calibrate_and_write": round(t_ours, 1)}}
 
 
@@ -291,8 +325,9 @@ def markdown(results: list, meta: dict) -> str:
              "inside INT8's top-5. Speed: INT8 vs FP32 latency ratio, ONNX Runtime, 2 threads, same process, alternating runs.", ""]
     for r in results:
         lines += [f"## {r['model']} ({r['validation_images']} validation photos, {r['calibration_images']} calibration)", ""]
-        lines.append("| graph | native | emulated AVX2 | speed b1 | speed b32 |")
-        lines.append("|---|---|---|---|---|")
+        held = r.get("held_out_images")
+        lines.append(f"| graph | native | emulated AVX2 |{f' held-out ({held} photos) |' if held else ''} speed b1 | speed b32 |")
+        lines.append("|---|---|---|" + ("---|" if held else "") + "---|---|")
         for k, v in r["rows"].items():
             if k.startswith("_"):
                 continue
@@ -306,7 +341,13 @@ def markdown(results: list, meta: dict) -> str:
 
             b1 = r["speed"].get(1, {}).get(k, {}).get("speedup_vs_fp32")
             b32 = r["speed"].get(32, {}).get(k, {}).get("speedup_vs_fp32")
-            lines.append(f"| {k} | {cell(v.get('native'))} | {cell(v.get('emulated_avx2'))} | {f'{b1:.2f}x' if b1 else '-'} | {f'{b32:.2f}x' if b32 else '-'} |")
+            lines.append(f"| {k} | {cell(v.get('native'))} | {cell(v.get('emulated_avx2'))} |" + (f" {cell(v.get('held_out'))} |" if held else "")
+                         + f" {f'{b1:.2f}x' if b1 else '-'} | {f'{b32:.2f}x' if b32 else '-'} |")
+        emu = r["rows"].get("_emulated_fp32_vs_native")
+        if emu:
+            lines.append(f"\nEmulated: {emu['int8_images']} photos per graph, agreement and accuracy against native FP32; FP32 itself under "
+                         f"emulation on {emu['images']} photos: max |diff| {emu['max_abs_diff']:.2e}, same top-1: {emu['top1_same']} "
+                         f"({emu['seconds']} s in all).")
         if r["nncf"]:
             lines.append(f"\nNNCF: {json.dumps(r['nncf'])}")
         lines.append("")
@@ -323,6 +364,10 @@ def main() -> None:
     ap.add_argument("--imagenet-bundle", type=Path, help="its `edgeconv import` bundle (default: imported here)")
     ap.add_argument("--emulate", action="store_true")
     ap.add_argument("--emu-images", type=int, default=300)
+    ap.add_argument("--emu-rows", default="bundle-,nncf-default", help="comma list of row-name prefixes run under emulation")
+    ap.add_argument("--emu-fp32-images", type=int, default=16, help="images FP32 is also run on under emulation (checked against native)")
+    ap.add_argument("--held-out", type=int, default=300, help="ImageNet model: photos from cats_and_dogs_small/test that neither "
+                    "calibration nor the import's judgement saw (0: none)")
     ap.add_argument("--nncf", action="store_true")
     ap.add_argument("--nncf-ac", action="store_true", help="also NNCF's quantize_with_accuracy_control on the ImageNet model (minutes)")
     ap.add_argument("--nncf-budget", type=float, default=0.02, help="NNCF accuracy control: max agreement drop (fraction)")
@@ -353,8 +398,18 @@ def main() -> None:
                             "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--resize", "shorter_center_crop", "--calib-data", str(work / "calib_photos"),
                             "--val-data", str(work / "val_photos"), "--precision", "fp32,int8", "--force"], check=True)
             import_s = time.time() - t0
+        from edgeconv_runtime.bundle import read_bundle
+        from edgeconv_runtime.preprocess import preprocess_images
+
+        pre = read_bundle(bundle).preprocess  # the graphs are judged on the inputs the runtime feeds them
+        calib = preprocess_images(sorted((work / "calib_photos").iterdir()), pre)
+        val = preprocess_images(sorted((work / "val_photos").iterdir()), pre)
+        held = None
+        if args.held_out:
+            test = sorted((DATA / "cats_and_dogs_small" / "test").rglob("*.jpg"))
+            held = preprocess_images([test[i] for i in np.linspace(0, len(test) - 1, args.held_out).astype(int)], pre)
         r = study("ImageNet efficientnet_lite0 import (1,000 classes)", bundle / "model.onnx", calib, val, None, work / "imagenet", args,
-                  bundle_graphs(bundle))
+                  bundle_graphs(bundle), held_out=held)
         r["import_seconds"] = round(import_s, 1) if args.imagenet_bundle is None else None
         results.append(r)
     features = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""

@@ -23,7 +23,7 @@ def test_bundle_layout_and_manifest(mnist_bundle, mnist_run):
     assert m["preprocess"]["mean"] == [0.0] and m["preprocess"]["value_range"] == [0, 255]
     assert m["source"]["checkpoint_sha256"] == sha256_file(mnist_run / "model.pt")
     assert m["versions"]["onnxruntime"] and m["versions"]["torch"]
-    assert m["calibration"]["images"] == 200 and m["calibration"]["method"] == "minmax"
+    assert m["calibration"]["images"] == 200 and m["calibration"]["method"] == "auto" and m["calibration"]["ranges_measured"][0] == "minmax"
     for a in m["artifacts"]:
         assert sha256_file(mnist_bundle / a["file"]) == a["sha256"]
         assert a["bytes"] == (mnist_bundle / a["file"]).stat().st_size

@@ -202,12 +202,81 @@ def test_accuracy_aware_fallback_keeps_sensitive_nodes_float_until_the_judge_pas
     assert not refused["passed"] and refused["nodes_tried"] == 2 and refused["best_problem"] == "never"
 
 
+def _conv_names(path):
+    return [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+
+
+def _logits(path, x, **kwargs):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"], **kwargs).run(None, {"input": x})[0]
+
+
+def test_a_conv_kept_float_stays_float_in_onnx_runtime(samepad_onnx, photos, tmp_path, monkeypatch):
+    """ONNX Runtime's WeightBiasQuantization transformer (>= 1.21) quantizes, per tensor, the float weight of a Conv that sits
+    between a DequantizeLinear and a QuantizeLinear when the session starts: a node the fallback kept float became a
+    per-tensor int8 node (ImageNet Lite0: 94.6 % -> 83.6 % agreement). The graph gives such a node its own per-axis
+    DequantizeLinear, which the transformer does not match: the session then computes what the graph says."""
+    import onnxruntime as ort
+
+    writer = Int8Writer(samepad_onnx, photos, "minmax", tmp_path)
+    middle = _conv_names(writer.prep)[1]  # the depthwise Conv: DQ before it, ReLU6 -> Q after it
+    x = photos[:8]
+
+    def optimized_nodes(path):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return [n.name for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+
+    fixed = tmp_path / "fixed.onnx"
+    record = writer.write(fixed, int8.RECIPES["cpu"], [middle])
+    assert record["float_nodes"] == [middle] and record["float_inputs_per_axis"] == 1
+    assert not [n for n in optimized_nodes(fixed) if n.startswith(middle + "_weight")]
+    untouched = _logits(fixed, x, disabled_optimizers=["WeightBiasQuantization"])
+    np.testing.assert_allclose(_logits(fixed, x), untouched, rtol=0, atol=1e-5)
+    monkeypatch.setattr(int8, "keep_float", lambda path, names: 0)  # the graph as ONNX Runtime's quantizer leaves it
+    plain = tmp_path / "plain.onnx"
+    writer.write(plain, int8.RECIPES["cpu"], [middle])
+    assert [n for n in optimized_nodes(plain) if n.startswith(middle + "_weight")], "the transformer this guards against did not run"
+    assert np.abs(_logits(plain, x) - _logits(plain, x, disabled_optimizers=["WeightBiasQuantization"])).max() > 1e-3
+
+
+def test_auto_ranges_try_percentile_only_when_min_max_misses(samepad_onnx, photos, tmp_path):
+    """"auto" (the default): the min/max graph is judged first; only when it misses is a second calibration pass made and
+    the graph written again from 99.99th-percentile ranges, before any node is kept in float."""
+    writer = Int8Writer(samepad_onnx, photos, "auto", tmp_path)
+    ok = fit_to_budget(writer, tmp_path / "a.onnx", int8.RECIPES["cpu"], lambda p: (None, 0.0), limit=3)
+    assert ok["ranges"] == "minmax" and ok["ranges_tried"] == ["minmax"] and writer.record()["ranges_measured"] == ["minmax"]
+    calls = []
+
+    def second_passes(path):
+        calls.append(path)
+        return (None if len(calls) > 1 else "missed"), float(-len(calls))
+
+    dst = tmp_path / "b.onnx"
+    rec = fit_to_budget(writer, dst, int8.RECIPES["cpu"], second_passes, limit=3)
+    assert rec["passed"] and rec["method"] == "calibrated" and rec["ranges"] == "percentile" and not rec["float_nodes"]
+    assert rec["ranges_tried"] == ["minmax", "percentile"] and writer.record()["ranges_measured"] == ["minmax", "percentile"]
+    m = onnx.load(str(dst))
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    q_in = next(n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
+    lo, hi = writer.stats_for("percentile").ranges["input"]
+    assert writer.stats_for("minmax").ranges["input"] != (lo, hi)
+    np.testing.assert_allclose(float(inits[q_in.input[1]]), (max(hi, 0) - min(lo, 0)) / 255, rtol=1e-5)
+    only = Int8Writer(samepad_onnx, photos, "minmax", tmp_path)
+    never = fit_to_budget(only, tmp_path / "c.onnx", int8.RECIPES["cpu"], lambda p: ("never", 1.0), limit=0)
+    assert never["ranges_tried"] == ["minmax"] and not never["passed"]
+
+
 def test_unreachable_budget_is_one_line_naming_the_graph_nodes_and_best(mnist_run, tmp_path):
     r = subprocess.run([sys.executable, "-m", "edgeconv", "export", str(mnist_run), "--out", str(tmp_path / "b"), "--precision", "fp32,int8",
                         "--max-accuracy-drop", "-5", "--max-float-nodes", "2", "--calib-size", "64"], capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error: INT8 graph model.int8.onnx (cpu):") and "kept 2 nodes in float" in line and "the best was still" in line, line
+    assert "(best of minmax and percentile ranges)" in line, line
     assert not (tmp_path / "b").exists()
 
 

@@ -18,7 +18,7 @@ def export_module(module, classes: Sequence[str], preprocess: Union[Preprocess, 
                   val_images: Optional[Images] = None, precisions: Sequence[str] = ("fp32", "fp16", "int8"), name: Optional[str] = None,
                   calib_size: int = DEFAULT_CALIB_SIZE, val_size: int = DEFAULT_VAL_SIZE, max_accuracy_drop: float = 1.0,
                   int8_options: Optional[dict] = None,
-                  opset: Optional[int] = None, calibration_method: str = "minmax", force: bool = False,
+                  opset: Optional[int] = None, calibration_method: str = "auto", force: bool = False,
                   source: Optional[dict] = None) -> Manifest:
     """Trace ``module`` (an ``nn.Module`` taking NCHW float32, giving one score per class) and write a bundle at ``out``.
 

@@ -48,7 +48,7 @@ class ExportOptions:
     precisions: tuple = ("fp32",)
     formats: tuple = ("onnx",)
     opset: int = onnx_io.DEFAULT_OPSET
-    calibration_method: str = "minmax"
+    calibration_method: str = "auto"
     max_accuracy_drop: float = 1.0  # points of accuracy an FP16/INT8 artifact may lose vs FP32
     # without labels (an import's images in no class folders) "accuracy" is top-1 agreement with the source, a far stricter
     # measure (near-ties among 1,000 classes flip): the points of agreement an FP16/INT8 artifact may lose there
@@ -498,11 +498,13 @@ def _calibrated_int8(tmp: Path, inp: ExportInputs, opts: ExportOptions, fp32: _F
 
 def _int8_refusal(name: str, recipe: str, record: dict, opts: ExportOptions) -> str:
     """One line: which INT8 graph missed, what it tried and how close it got."""
+    ranges = record.get("ranges_tried") or []
+    across = f" (best of {' and '.join(ranges)} ranges)" if len(ranges) > 1 else ""
     if not record.get("nodes_tried"):
         fix = "allow accuracy-aware INT8 (--max-float-nodes N)" if opts.max_float_nodes <= 0 else "calibrate on more images (--calib-size)"
-        return f"INT8 graph {name} ({recipe}): {record['problem']}; {fix}, or export without int8"
+        return f"INT8 graph {name} ({recipe}): {record['problem']}{across}; {fix}, or export without int8"
     tried = record["tried"]
-    return (f"INT8 graph {name} ({recipe}): {record['problem']}; kept {len(tried)} nodes in float ({', '.join(tried[:3])}"
+    return (f"INT8 graph {name} ({recipe}): {record['problem']}{across}; kept {len(tried)} nodes in float ({', '.join(tried[:3])}"
             f"{', ...' if len(tried) > 3 else ''}) and the best was still: {record.get('best_problem') or 'unknown'}; "
             f"allow more (--max-float-nodes) or a larger drop, calibrate on more images (--calib-size), or export without int8")
 

@@ -59,7 +59,7 @@ class ImportRequest:
     output: Optional[str] = None  # None: probabilities when the graph ends in Softmax
     calib_size: int = DEFAULT_CALIB_SIZE
     val_size: int = DEFAULT_VAL_SIZE
-    calib_method: str = "minmax"
+    calib_method: str = "auto"
     max_accuracy_drop: float = 1.0
     max_agreement_drop: float = ExportOptions.max_agreement_drop
     max_float_nodes: int = ExportOptions.max_float_nodes

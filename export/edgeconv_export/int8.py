@@ -239,8 +239,67 @@ def write_int8(prep: Path, dst: Path, stats: Statistics, recipe: Recipe, exclude
                             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(skip) + list(exclude),
                             extra_options=extra, calibration_cache_path=str(cache))
     corrected = correct_biases(dst, model, stats.means)
+    pinned = keep_float(dst, exclude) if recipe.quantize_bias else 0  # ORT CPU graphs; TensorRT runs no ORT transformer
     return {"recipe": recipe.name, "dense_weight_bits": recipe.dense_weight_bits, "bias_corrected_nodes": corrected,
-            "float_nodes": list(exclude), "shape_nodes_kept_float": len(skip), "exact_on": list(recipe.exact_on)}
+            "float_nodes": list(exclude), "shape_nodes_kept_float": len(skip), "exact_on": list(recipe.exact_on),
+            **({"float_inputs_per_axis": pinned} if pinned else {})}
+
+
+def keep_float(path: Path, names: Sequence[str]) -> int:
+    """Make the Conv/Gemm/MatMul nodes ``names`` (kept in float) stay float in ONNX Runtime; returns how many were changed.
+
+    ONNX Runtime >= 1.21 has a level-1 graph transformer, WeightBiasQuantization, for "quantized models that do not
+    have Conv/Gemm weight and bias quantized": a Conv/Gemm whose input comes from a DequantizeLinear with a scalar
+    scale, whose output leads to a QuantizeLinear, and whose weight is a float initializer gets that weight quantized
+    when the session starts: per-tensor int8, and its bias int32. A node the accuracy-aware fallback kept in float so
+    becomes a per-tensor int8 node, worse than the per-channel one it replaced: measured on ImageNet
+    EfficientNet-Lite0, keeping its first depthwise Conv in float took top-1 agreement from 94.6 % to 83.6 %
+    (95.2 % with graph optimizations off). The transformer only matches a scalar input scale, so each such node gets
+    its own DequantizeLinear of the same quantized tensor with the scale and zero point repeated along the channel
+    axis: the same numbers by the ONNX definition, and a graph every runtime runs as written."""
+    import onnx
+    from onnx import numpy_helper
+
+    wanted = set(names)
+    if not wanted:
+        return 0
+    m = onnx.load(str(path))
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    changed = 0
+    for i, n in enumerate(list(g.node)):
+        if n.name not in wanted or n.op_type not in DENSE_OPS or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        dq = producer.get(n.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in inits:
+            continue
+        scale = numpy_helper.to_array(inits[dq.input[1]])
+        if scale.size != 1:
+            continue
+        w = numpy_helper.to_array(inits[n.input[1]])
+        if n.op_type == "Conv":
+            channels, axis = w.shape[1] * (_attr(n, "group", 1) or 1), 1
+        elif n.op_type == "Gemm":
+            channels, axis = (w.shape[1] if _attr(n, "transB", 0) else w.shape[0]), (0 if _attr(n, "transA", 0) else 1)
+        else:  # MatMul: the input's last axis
+            channels, axis = w.shape[0], -1
+        if channels < 2:
+            continue
+        zp = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else np.zeros((), np.uint8)
+        base = f"{n.name}_float_input"
+        g.initializer.extend([numpy_helper.from_array(np.full(channels, scale.reshape(()), scale.dtype), base + "_scale"),
+                              numpy_helper.from_array(np.full(channels, zp.reshape(()), zp.dtype), base + "_zero_point")])
+        g.node.insert(i + changed, onnx.helper.make_node("DequantizeLinear", [dq.input[0], base + "_scale", base + "_zero_point"],
+                                                         [base], name=base + "_DequantizeLinear", axis=axis))
+        n.input[0] = base
+        changed += 1
+    if changed:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        for n in [n for n in g.node if n.op_type == "DequantizeLinear" and n.output[0] not in used]:
+            g.node.remove(n)  # the old DequantizeLinear, when the float node was its only consumer
+        onnx.save(m, str(path))
+    return changed
 
 
 def _dq_weight(inits: dict, producer: dict, name: str) -> Optional[np.ndarray]:
