@@ -163,7 +163,7 @@ def ours(fp32: Path, work: Path, calib: np.ndarray) -> dict:
     out = {}
     try:
         for ranges in writer.ranges:
-            for r in ("cpu", "portable"):
+            for r in ("cpu", "portable", "portable-u8"):
                 out[f"edgeconv-{r} ({ranges})"] = work / f"edgeconv_{r}_{ranges}.onnx"
                 writer.write(out[f"edgeconv-{r} ({ranges})"], RECIPES[r], ranges=ranges)
     finally:
@@ -374,7 +374,7 @@ def update(args) -> None:
         work, bundle = args.work / key, bundles[key]
         x = np.load(work / "x.npy", mmap_mode="r")
         if "speed" in what:
-            graphs = {**{f"edgeconv-{g} ({m})": work / f"edgeconv_{g}_{m}.onnx" for g in ("cpu", "portable") for m in ("minmax", "percentile")},
+            graphs = {**{f"edgeconv-{g} ({m})": work / f"edgeconv_{g}_{m}.onnx" for g in ("cpu", "portable", "portable-u8") for m in ("minmax", "percentile")},
                       **bundle_graphs(bundle), "nncf-default": work / "nncf_default.onnx"}
             graphs = {k: v for k, v in graphs.items() if v.exists()}
             print(f"== speed again: {r['model']}", flush=True)

@@ -1,6 +1,8 @@
 """INT8 that holds on every CPU: shape arithmetic kept in float, bias correction, the portable graph, per-graph judgement,
 accuracy-aware fallback, the CPU-class choice at load, the per-layer report."""
 import json
+import platform
+import shutil
 import subprocess
 import sys
 
@@ -134,6 +136,93 @@ def test_portable_graph_cannot_saturate_16_bit_pair_sums(samepad_onnx, photos, t
     assert seen == 3
     peaks = int8.pair_sum_peaks(writer.prep, photos, writer.stats, images=8)
     assert max(peaks.values()) > 1.0  # the 8-bit graph would saturate on these photos: the reason the portable one exists
+
+
+def _dense_weight_codes(path, prep):
+    """{node: (codes, zero points, depthwise)} of every quantized Conv/Gemm weight of the graph at ``path``."""
+    m = onnx.load(str(path))
+    inits = {t.name: t for t in m.graph.initializer}
+    producer = {o: n for n in m.graph.node for o in n.output}
+    dense = int8.dense_inputs(onnx.load(str(prep)))
+    out = {}
+    for n in m.graph.node:
+        dq = producer.get(n.input[1]) if n.name in dense else None
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+            out[n.name] = (numpy_helper.to_array(inits[dq.input[0]]), numpy_helper.to_array(inits[dq.input[2]]), dense[n.name]["depthwise"])
+    return out
+
+
+def test_portable_u8_keeps_8_bit_dense_weights_as_uint8_and_depthwise_weights_as_int8(samepad_onnx, photos, tmp_path):
+    """The portable fallback: 8-bit weights on the dense layers as uint8 with zero point 128 (ONNX Runtime's U8U8 kernels,
+    which x86 CPUs without VNNI run in 16-bit products: no pair sum saturates), int8 on the depthwise layers (whose
+    kernels widen to 16 bits anyway; uint8 there is several times slower than FP32). Its answers stay close to FP32."""
+    import onnxruntime as ort
+
+    writer = Int8Writer(samepad_onnx, photos, "minmax", tmp_path)
+    dst = tmp_path / "u8.onnx"
+    record = writer.write(dst, int8.RECIPES["portable-u8"])
+    assert record["recipe"] == "portable-u8" and record["dense_weight_type"] == "uint8" and record["dense_weight_bits"] == 8
+    codes = _dense_weight_codes(dst, writer.prep)
+    assert len(codes) == 4
+    for name, (q, zp, depthwise) in codes.items():
+        if depthwise:
+            assert q.dtype == np.int8 and not zp.any(), name
+        else:
+            assert q.dtype == np.uint8 and (zp == 128).all(), name
+            assert np.abs(q.astype(int) - 128).max() > 64, name  # 8-bit codes, not the 7-bit portable graph's
+    assert "uint8" in int8.RECIPES["portable-u8"].layout()["weights"]
+    ref = ort.InferenceSession(str(samepad_onnx), providers=["CPUExecutionProvider"]).run(None, {"input": photos})[0]
+    got = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"input": photos})[0]
+    cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    assert cos.min() > 0.99
+
+
+def test_portable_falls_back_to_uint8_dense_weights_when_the_7_bit_graph_misses(samepad_onnx, photos, tmp_path):
+    """The 7-bit portable graph is judged first, from each ranges; only when all miss is portable-u8 written (from each
+    ranges again) before any node is kept in float. The CPU recipe has no such fallback. A refusal names both recipes."""
+    from edgeconv_export.bundle import ExportOptions, _int8_refusal
+
+    writer = Int8Writer(samepad_onnx, photos, "auto", tmp_path)
+
+    def judge(path):  # a budget that only 8-bit dense weights meet
+        seven = [n for n, (q, _, dw) in _dense_weight_codes(path, writer.prep).items() if not dw and q.dtype == np.int8]
+        return (f"7-bit weights on {len(seven)} layers" if seven else None), float(len(seven))
+
+    rec = fit_to_budget(writer, tmp_path / "p.onnx", int8.RECIPES["portable"], judge, limit=3)
+    assert rec["passed"] and rec["method"] == "calibrated" and not rec["float_nodes"]
+    assert rec["recipe"] == "portable-u8" and rec["recipes_tried"] == ["portable", "portable-u8"]
+    assert rec["ranges"] == "minmax" and rec["ranges_tried"] == ["minmax", "percentile"]
+    first = fit_to_budget(writer, tmp_path / "q.onnx", int8.RECIPES["portable"], lambda p: (None, 0.0), limit=3)
+    assert first["recipe"] == "portable" and first["recipes_tried"] == ["portable"]
+    never = fit_to_budget(writer, tmp_path / "r.onnx", int8.RECIPES["cpu"], lambda p: ("never", 0.0), limit=0)
+    assert never["recipes_tried"] == ["cpu"] and not never["passed"]
+    refused = fit_to_budget(writer, tmp_path / "s.onnx", int8.RECIPES["portable"], lambda p: ("never", 1.0), limit=0)
+    line = _int8_refusal("model.int8.portable.onnx", refused["recipe"], refused, ExportOptions(max_float_nodes=0))
+    assert "recipes portable and portable-u8" in line and "minmax and percentile" in line and "\n" not in line
+
+
+@pytest.mark.skipif(not shutil.which("qemu-x86_64-static") or platform.machine() != "x86_64",
+                    reason="needs qemu-x86_64-static (Debian qemu-user-static) on an x86_64 host")
+def test_portable_graphs_give_the_same_logits_under_an_emulated_avx2_cpu(samepad_onnx, photos, tmp_path):
+    """Under qemu's Haswell CPU (AVX2, no VNNI) ONNX Runtime picks its VPMADDUBSW kernels, whose 16-bit pair sums saturate:
+    the 8-bit CPU graph answers differently there, while both portable graphs give bit-identical logits."""
+    writer = Int8Writer(samepad_onnx, photos, "minmax", tmp_path)
+    graphs = {r: tmp_path / f"{r}.onnx" for r in ("cpu", "portable", "portable-u8")}
+    for r, path in graphs.items():
+        writer.write(path, int8.RECIPES[r])
+    x = photos[:16]
+    np.save(tmp_path / "x.npy", x)
+    script = ("import sys, numpy as np, onnxruntime as ort\n"
+              "x = np.load(sys.argv[1])\n"
+              "for f in sys.argv[2:]:\n"
+              "    so = ort.SessionOptions(); so.intra_op_num_threads = 1\n"
+              "    np.save(f + '.emu.npy', ort.InferenceSession(f, so, providers=['CPUExecutionProvider']).run(None, {'input': x})[0])\n")
+    subprocess.run(["qemu-x86_64-static", "-cpu", "Haswell-v4", sys.executable, "-c", script, str(tmp_path / "x.npy"), *map(str, graphs.values())],
+                   check=True, capture_output=True, timeout=600)
+    diffs = {r: float(np.abs(np.load(str(p) + ".emu.npy") - _logits(p, x)).max()) for r, p in graphs.items()}
+    assert diffs["portable"] == 0.0 and diffs["portable-u8"] == 0.0, diffs
+    if cpu_class() == "x86-vnni":  # natively exact sums: the emulated saturation shows (on an AVX2 host both sides saturate)
+        assert diffs["cpu"] > 0.0, diffs
 
 
 def test_cpu_class_reads_cpuid_and_can_be_forced(monkeypatch):

@@ -460,6 +460,8 @@ def _calibrated_int8(tmp: Path, inp: ExportInputs, opts: ExportOptions, fp32: _F
         for variant, name, recipe_name in INT8_GRAPHS:
             recipe, path = RECIPES[recipe_name], tmp / name
             record = fit_to_budget(writer, path, recipe, judge, opts.max_float_nodes, rank)
+            recipe_name = record.get("recipe", recipe_name)  # a fallback recipe may have written it (portable -> portable-u8)
+            recipe = RECIPES.get(recipe_name, recipe)
             required = variant == "default" or (variant == "tensorrt" and "tensorrt" in opts.formats)
             if not record["passed"]:
                 message = _int8_refusal(name, recipe_name, record, opts)
@@ -498,8 +500,8 @@ def _calibrated_int8(tmp: Path, inp: ExportInputs, opts: ExportOptions, fp32: _F
 
 def _int8_refusal(name: str, recipe: str, record: dict, opts: ExportOptions) -> str:
     """One line: which INT8 graph missed, what it tried and how close it got."""
-    ranges = record.get("ranges_tried") or []
-    across = f" (best of {' and '.join(ranges)} ranges)" if len(ranges) > 1 else ""
+    ranges, recipes = record.get("ranges_tried") or [], record.get("recipes_tried") or []
+    across = f" (best of {' and '.join(ranges)} ranges" + (f", recipes {' and '.join(recipes)})" if len(recipes) > 1 else ")") if len(ranges) > 1 else ""
     if not record.get("nodes_tried"):
         fix = "allow accuracy-aware INT8 (--max-float-nodes N)" if opts.max_float_nodes <= 0 else "calibrate on more images (--calib-size)"
         return f"INT8 graph {name} ({recipe}): {record['problem']}{across}; {fix}, or export without int8"

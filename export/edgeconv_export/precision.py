@@ -179,21 +179,28 @@ def fit_to_budget(writer: Int8Writer, dst: Path, recipe: Recipe, judge, limit: i
     passes or ``limit`` nodes are float. ``judge`` returns (problem or None, score) with a lower
     score better; ``rank(path)`` (default ``judge``'s score) measures one node's sensitivity. Returns the graph's record with
     ``passed``, the float nodes, the nodes tried and the best problem seen."""
-    starts = []  # (score, order, record) per ranges tried: the cheap fix before any float node ("auto" ranges)
-    for ranges in writer.ranges:
-        record = writer.write(dst, recipe, ranges=ranges)
-        problem, score = judge(dst)
-        record.update({"passed": problem is None, "problem": problem, "method": "calibrated"})
-        starts.append((score, len(starts), record))
+    chain = [recipe]  # the recipe, then its fallbacks (e.g. portable -> portable-u8), each from every ranges in turn
+    while chain[-1].fallback:
+        chain.append(RECIPES[chain[-1].fallback])
+    starts = []  # (score, order, record) per (recipe, ranges) tried: the cheap fixes before any float node
+    for rec in chain:
+        for ranges in writer.ranges:
+            record = writer.write(dst, rec, ranges=ranges)
+            problem, score = judge(dst)
+            record.update({"passed": problem is None, "problem": problem, "method": "calibrated"})
+            starts.append((score, len(starts), record))
+            if problem is None:
+                break
         if problem is None:
             break
-    tried = [r["ranges"] for _, _, r in starts]
+    tried = list(dict.fromkeys(r["ranges"] for _, _, r in starts))
+    recipes_tried = list(dict.fromkeys(r["recipe"] for _, _, r in starts))
     if problem is None:
-        record["ranges_tried"] = tried
+        record.update({"ranges_tried": tried, "recipes_tried": recipes_tried})
         return record
-    score, _, record = min(starts, key=lambda t: t[:2])  # the fallback starts from the better ranges
-    problem, ranges = record["problem"], record["ranges"]
-    record["ranges_tried"] = tried
+    score, _, record = min(starts, key=lambda t: t[:2])  # the fallback starts from the better recipe and ranges
+    problem, ranges, recipe = record["problem"], record["ranges"], {r.name: r for r in chain}[record["recipe"]]
+    record.update({"ranges_tried": tried, "recipes_tried": recipes_tried})
     if limit <= 0:
         return record
     trial = dst.with_name(dst.name + ".trial")
@@ -207,7 +214,8 @@ def fit_to_budget(writer: Int8Writer, dst: Path, recipe: Recipe, judge, limit: i
             best = (problem, score, list(floats))
         if problem is None:
             trial.replace(dst)
-            rec.update({"passed": True, "problem": None, "method": "accuracy-aware", "nodes_tried": len(floats), "ranges_tried": tried})
+            rec.update({"passed": True, "problem": None, "method": "accuracy-aware", "nodes_tried": len(floats), "ranges_tried": tried,
+                        "recipes_tried": recipes_tried})
             return rec
     trial.unlink(missing_ok=True)
     record.update({"passed": False, "method": "accuracy-aware", "nodes_tried": len(floats), "tried": floats,

@@ -37,7 +37,7 @@ RUNTIME_PRECISIONS = PRECISIONS + ("bf16",)
 FORMATS = ("onnx", "tensorrt")
 # "default": the artifact every backend uses; "tensorrt": the INT8 graph made for TensorRT
 # (symmetric int8 activations, zero points 0, float bias), which ONNX Runtime's CPU kernels run slowly;
-# "portable": the INT8 graph whose integer sums are the same on every CPU (7-bit weights on the dense layers),
+# "portable": the INT8 graph whose integer sums are the same on every CPU (7-bit int8 or 8-bit uint8 weights on the dense layers),
 # which ONNX Runtime runs on CPUs the default INT8 graph was not validated for (cpuclass.py)
 VARIANTS = ("default", "tensorrt", "portable")
 
