@@ -188,6 +188,22 @@ def rgb_bundle(tmp_path_factory, catsdogs_tiny) -> Path:
     return _built(tmp_path_factory, "bundles", "catsdogs", build)
 
 
+@pytest.fixture(scope="session")
+def lite0_int8_bundle(tmp_path_factory, catsdogs_tiny) -> Path:
+    """efficientnet_lite0, one epoch of fast feature extraction on real cats and dogs, exported FP32 + INT8 (cached like the
+    others, so the same bundle can be run again under an emulated CPU: qemu-x86_64-static -cpu Haswell-v4)."""
+    from edgeconv.exporting import ExportRequest, export_run
+    from edgeconv.training import TrainConfig, train
+
+    def build(out: Path) -> None:
+        run = tmp_path_factory.mktemp("runs") / "lite0"
+        train(TrainConfig(data=str(catsdogs_tiny), model="efficientnet_lite0", strategy="feature-extract", epochs=1, out=str(run),
+                          progress=False))
+        export_run(ExportRequest(checkpoint=str(run), out=str(out), precisions=("fp32", "int8"), calib_size=64))
+
+    return _built(tmp_path_factory, "bundles", "lite0_int8", build)
+
+
 # ------------------------------------------------------------------------------------------ leaked processes
 # The suite's process becomes a child subreaper (Linux): a grandchild orphaned by its parent (a server whose
 # launcher died, a worker of a killed torchrun) is re-parented here instead of to init, so it is seen too.
