@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.edgeconv-installed
 SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install system-data data clean gpu-check mutants
+.PHONY: demo test install system-data data clean gpu-check mutants avx2-check
 
 install: $(STAMP)
 
@@ -52,5 +52,13 @@ MUTANTS_ARGS ?= --limit 30
 mutants: $(STAMP)
 	$(BIN)/python scripts/mutants.py $(MUTANTS_ARGS)
 
+# The INT8 and OpenVINO tests again on an emulated x86 CPU without VNNI (AVX2 only: ONNX Runtime and OpenVINO pick their
+# saturating VPMADDUBSW kernels there): the shared fixtures are built natively into .fixtures/, then the same tests run under
+# qemu-x86_64-static -cpu Haswell-v4 (Debian qemu-user-static), which reuses them.
+AVX2_TESTS ?= tests/test_openvino.py tests/test_int8.py
+avx2-check: $(STAMP)
+	EDGECONV_TEST_FIXTURES=$(CURDIR)/.fixtures $(BIN)/python -m pytest $(AVX2_TESTS) -q -p no:cacheprovider
+	EDGECONV_TEST_FIXTURES=$(CURDIR)/.fixtures qemu-x86_64-static -cpu Haswell-v4 $(BIN)/python -m pytest $(AVX2_TESTS) -q -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .fixtures

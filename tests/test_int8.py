@@ -177,6 +177,27 @@ def test_portable_u8_keeps_8_bit_dense_weights_as_uint8_and_depthwise_weights_as
     assert cos.min() > 0.99
 
 
+def test_a_dead_channel_keeps_its_bias_with_uint8_weights(photos, tmp_path):
+    """A channel whose weights are ~0 but whose bias is not (batch norm folded into a dead channel) gets a tiny weight scale,
+    and its int32 bias (in units of input scale x weight scale) overflows. ONNX Runtime's quantizer widens such a scale for
+    int8 weights only; with uint8 weights the bias was clipped (ImageNet Lite0: 14 biases, 43-47 channels). The portable-u8
+    graph widens the scale itself: the channel still outputs its bias."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with torch.no_grad():
+        net[0].weight[0].fill_(1e-9)
+        net[0].bias[0] = 3.0
+    src = tmp_path / "dead.onnx"
+    torch.onnx.export(net.eval(), torch.randn(1, 3, 58, 58), str(src), input_names=["input"], output_names=["logits"], opset_version=17,
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    writer = Int8Writer(src, photos, "minmax", tmp_path)
+    record = writer.write(tmp_path / "u8.onnx", int8.RECIPES["portable-u8"])
+    out = _logits(tmp_path / "u8.onnx", photos[:8])
+    np.testing.assert_allclose(out[:, 0], 3.0, atol=0.05)  # clipped, it was ~0.0005
+    np.testing.assert_allclose(out, _logits(src, photos[:8]), atol=0.1)
+    assert record["widened_weight_channels"] == 1
+
+
 def test_portable_falls_back_to_uint8_dense_weights_when_the_7_bit_graph_misses(samepad_onnx, photos, tmp_path):
     """The 7-bit portable graph is judged first, from each ranges; only when all miss is portable-u8 written (from each
     ranges again) before any node is kept in float. The CPU recipe has no such fallback. A refusal names both recipes."""
