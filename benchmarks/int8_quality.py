@@ -329,7 +329,9 @@ def markdown(results: list, meta: dict) -> str:
              "spaced subset. Labelled models: accuracy drop vs FP32 in points; ImageNet: top-1 agreement with FP32 and FP32's top-1 "
              "inside INT8's top-5. Speed: INT8 vs FP32 latency ratio, ONNX Runtime, 2 threads, same process, alternating runs.", ""]
     for r in results:
-        lines += [f"## {r['model']} ({r['validation_images']} validation photos, {r['calibration_images']} calibration)", ""]
+        when = f", measured {r['date']}" if r.get("date") else ""
+        lines += [f"## {r['model']} ({r['validation_images']} validation photos, {r['calibration_images']} calibration{when})", ""]
+        speeds = {str(b): v for b, v in r["speed"].items()}  # int keys when just measured, str keys once read back from JSON
         held = r.get("held_out_images")
         lines.append(f"| graph | native | emulated AVX2 |{f' held-out ({held} photos) |' if held else ''} speed b1 | speed b32 |")
         lines.append("|---|---|---|" + ("---|" if held else "") + "---|---|")
@@ -344,8 +346,8 @@ def markdown(results: list, meta: dict) -> str:
                     return f"{100 * s['accuracy']:.2f} % (drop {s['drop_points']:+.2f}), agree {100 * s['agreement']:.1f} %"
                 return f"agree {100 * s['agreement']:.1f} %, top-5 {100 * s['top5_contains_fp32_top1']:.1f} %"
 
-            b1 = r["speed"].get(1, {}).get(k, {}).get("speedup_vs_fp32")
-            b32 = r["speed"].get(32, {}).get(k, {}).get("speedup_vs_fp32")
+            b1 = speeds.get("1", {}).get(k, {}).get("speedup_vs_fp32")
+            b32 = speeds.get("32", {}).get(k, {}).get("speedup_vs_fp32")
             lines.append(f"| {k} | {cell(v.get('native'))} | {cell(v.get('emulated_avx2'))} |" + (f" {cell(v.get('held_out'))} |" if held else "")
                          + f" {f'{b1:.2f}x' if b1 else '-'} | {f'{b32:.2f}x' if b32 else '-'} |")
         emu = r["rows"].get("_emulated_fp32_vs_native")
@@ -417,6 +419,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--speed-rounds", type=int, default=20, help="alternating rounds at batch 1 (batch 32: an eighth, at least 5)")
     ap.add_argument("--out", type=Path, default=RESULTS / "int8_quality")
+    ap.add_argument("--merge", action="store_true", help="replace only the models measured now in an existing --out JSON, keep the others")
     ap.add_argument("--update", default="", help="comma list of speed, nncf-ac: measure those again from the --work folder of an "
                     "earlier run (same bundles and flags) and rewrite its JSON and Markdown")
     args = ap.parse_args()
@@ -464,6 +467,14 @@ def main() -> None:
     features = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
     meta = {"date": time.strftime("%Y-%m-%d"), "cpu": next((l.split(":", 1)[1].strip() for l in features.splitlines() if l.startswith("model name")), platform.processor()),
             "vnni": "avx512_vnni" in features, "flags": sorted(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni") if f in features.split())}
+    for r in results:
+        r["date"] = meta["date"]
+    if args.merge and args.out.with_suffix(".json").exists():  # keep the other models' sections of the earlier run
+        old = json.loads(args.out.with_suffix(".json").read_text())
+        new = {r["model"]: r for r in results}
+        results = [new.pop(r["model"], r) for r in old["results"]] + list(new.values())
+        for r in results:
+            r.setdefault("date", old["meta"]["date"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     md = markdown(results, meta)

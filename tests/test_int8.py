@@ -153,9 +153,10 @@ def _dense_weight_codes(path, prep):
 
 
 def test_portable_u8_keeps_8_bit_dense_weights_as_uint8_and_depthwise_weights_as_int8(samepad_onnx, photos, tmp_path):
-    """The portable fallback: 8-bit weights on the dense layers as uint8 with zero point 128 (ONNX Runtime's U8U8 kernels,
-    which x86 CPUs without VNNI run in 16-bit products: no pair sum saturates), int8 on the depthwise layers (whose
-    kernels widen to 16 bits anyway; uint8 there is several times slower than FP32). Its answers stay close to FP32."""
+    """The portable fallback: the CPU graph's 8-bit dense weights stored as uint8 codes + 128 with zero point 128 (ONNX Runtime's
+    U8U8 kernels, which x86 CPUs without VNNI run in 16-bit products: no pair sum saturates), int8 on the depthwise layers
+    (whose kernels widen to 16 bits anyway; uint8 there is several times slower than FP32). Natively it gives the CPU graph's
+    answers bit for bit."""
     import onnxruntime as ort
 
     writer = Int8Writer(samepad_onnx, photos, "minmax", tmp_path)
@@ -171,6 +172,9 @@ def test_portable_u8_keeps_8_bit_dense_weights_as_uint8_and_depthwise_weights_as
             assert q.dtype == np.uint8 and (zp == 128).all(), name
             assert np.abs(q.astype(int) - 128).max() > 64, name  # 8-bit codes, not the 7-bit portable graph's
     assert "uint8" in int8.RECIPES["portable-u8"].layout()["weights"]
+    cpu = tmp_path / "cpu.onnx"
+    writer.write(cpu, int8.RECIPES["cpu"])  # the same numbers stored as int8: the answers are bit-identical
+    np.testing.assert_array_equal(_logits(dst, photos), _logits(cpu, photos))
     ref = ort.InferenceSession(str(samepad_onnx), providers=["CPUExecutionProvider"]).run(None, {"input": photos})[0]
     got = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"input": photos})[0]
     cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
@@ -180,8 +184,8 @@ def test_portable_u8_keeps_8_bit_dense_weights_as_uint8_and_depthwise_weights_as
 def test_a_dead_channel_keeps_its_bias_with_uint8_weights(photos, tmp_path):
     """A channel whose weights are ~0 but whose bias is not (batch norm folded into a dead channel) gets a tiny weight scale,
     and its int32 bias (in units of input scale x weight scale) overflows. ONNX Runtime's quantizer widens such a scale for
-    int8 weights only; with uint8 weights the bias was clipped (ImageNet Lite0: 14 biases, 43-47 channels). The portable-u8
-    graph widens the scale itself: the channel still outputs its bias."""
+    int8 weights only: asked for uint8 weights it clipped the bias (ImageNet Lite0: 14 biases). portable-u8 is written as
+    int8 and re-coded to uint8, so the channel still outputs its bias."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     with torch.no_grad():
@@ -195,7 +199,7 @@ def test_a_dead_channel_keeps_its_bias_with_uint8_weights(photos, tmp_path):
     out = _logits(tmp_path / "u8.onnx", photos[:8])
     np.testing.assert_allclose(out[:, 0], 3.0, atol=0.05)  # clipped, it was ~0.0005
     np.testing.assert_allclose(out, _logits(src, photos[:8]), atol=0.1)
-    assert record["widened_weight_channels"] == 1
+    assert record["uint8_weight_nodes"] == 1
 
 
 def test_portable_falls_back_to_uint8_dense_weights_when_the_7_bit_graph_misses(samepad_onnx, photos, tmp_path):

@@ -19,13 +19,13 @@ The pieces ``precision.calibrate_int8`` puts together, each measured on real mod
   overflows. On VNNI (VPDPBUSD) and on ARM (SDOT/UDOT) the sums are exact int32. The ``portable`` recipe keeps
   every pair sum below 2^15 by construction (7-bit weights [-64, 64] on the layers that use that kernel), so its
   answers are the same on every CPU class; ``cpu`` keeps 8-bit weights for the CPUs where that is exact. When the
-  7-bit graph misses its budget, ``portable-u8`` keeps 8-bit weights on the dense layers as uint8 (zero point 128):
-  ONNX Runtime runs those on its U8U8 kernels, which widen both operands to 16 bits (VPMADDWD) on x86 CPUs without
-  VNNI, so no pair sum saturates there either. It is slower (on a VNNI CPU ImageNet Lite0 ran at 1.39x FP32 at
-  batch 1, the 8-bit int8 graph at 1.81x) and more accurate (95.2-95.5 % top-1 agreement against 91.2-93.2 %),
-  and bit-identical under an emulated AVX2 CPU. Making the depthwise weights uint8 too is no better and several
-  times slower than FP32 (ONNX Runtime's U8U8 depthwise kernel); 7-bit activations instead of 7-bit weights lost
-  far more (76.8 % agreement).
+  7-bit graph misses its budget, ``portable-u8`` is the ``cpu`` graph with the dense layers' int8 weight codes stored as
+  uint8 codes + 128 (zero point 128): the same numbers, so natively the same answers bit for bit, but ONNX Runtime runs those
+  layers on its U8U8 kernels, which widen both operands to 16 bits (VPMADDWD) on x86 CPUs without VNNI, so no pair sum
+  saturates there and the answers are the same on every CPU class (ImageNet Lite0: bit-identical logits under an emulated
+  AVX2 CPU, where the U8S8 graph kept 78.1 % top-1 agreement). It is slower (on a VNNI CPU 1.39x FP32 at batch 1 against
+  1.81x for the int8 graph). Depthwise weights stay int8: ONNX Runtime's U8U8 depthwise kernel made an all-uint8 graph
+  0.24x FP32. 7-bit activations instead of 7-bit weights lost far more (76.8 % agreement).
 """
 from __future__ import annotations
 
@@ -198,13 +198,13 @@ class Recipe:
     dense_weight_bits: int  # 8, or 7 where the CPU's pair sums could overflow 16 bits
     exact_on: tuple  # CPU classes whose integer sums are exact for this graph
     purpose: str = ""
-    dense_weight_type: str = "int8"  # "int8" (U8S8 kernels) or "uint8" (U8U8 kernels on the dense layers; depthwise stay int8)
+    dense_weight_type: str = "int8"  # "int8" (U8S8 kernels) or "uint8" (the int8 codes + 128, zero point 128: U8U8 kernels)
     fallback: Optional[str] = None  # the recipe tried next (same CPU classes) when this one's graph misses its budget
 
     def layout(self) -> dict:
         weights = "int8-symmetric-per-channel" + (", 7-bit [-64, 64] on dense (not depthwise) layers" if self.dense_weight_bits == 7 else "")
         if self.dense_weight_type == "uint8":
-            weights = "uint8-symmetric-per-channel (zero point 128) on dense layers, int8-symmetric-per-channel on depthwise layers"
+            weights = "int8-symmetric-per-channel, stored as uint8 codes + 128 (zero point 128) on dense layers"
         return {"activations": "int8-symmetric" if self.activation_symmetric else f"{self.activation_type}-asymmetric",
                 "weights": weights,
                 "bias": "int32 DequantizeLinear" if self.quantize_bias else "float"}
@@ -217,9 +217,9 @@ RECIPES = {
                        "ONNX Runtime CPU on any x86 or ARM64: U8S8 with 7-bit weights on the dense layers, whose pair sums "
                        "cannot saturate the 16-bit adds of x86 CPUs without VNNI", fallback="portable-u8"),
     "portable-u8": Recipe("portable-u8", "uint8", False, True, 8, CPU_CLASSES,
-                          "ONNX Runtime CPU on any x86 or ARM64: 8-bit uint8 weights on the dense layers (U8U8 kernels, which widen "
-                          "both operands to 16 bits on x86 CPUs without VNNI: no pair sum saturates), int8 depthwise weights; "
-                          "written when the 7-bit portable graph misses its budget", dense_weight_type="uint8"),
+                          "ONNX Runtime CPU on any x86 or ARM64: the cpu graph with its dense weights stored as uint8 (U8U8 "
+                          "kernels, which widen both operands to 16 bits on x86 CPUs without VNNI: no pair sum saturates), int8 "
+                          "depthwise weights; written when the 7-bit portable graph misses its budget", dense_weight_type="uint8"),
     "tensorrt": Recipe("tensorrt", "int8", True, False, 8, (),
                        "TensorRT / ORT TensorRT provider: symmetric int8, zero points 0, float bias"),
 }
@@ -241,9 +241,7 @@ def write_int8(prep: Path, dst: Path, stats: Statistics, recipe: Recipe, exclude
         if d["depthwise"]:  # ONNX Runtime's depthwise kernels widen to 16 bits before multiplying: no pairs to saturate
             continue
         axis = 0 if d["op"] == "Conv" or d["transB"] else 1  # the output-channel axis, as per-channel quantization uses
-        if recipe.dense_weight_type == "uint8":  # U8U8: the kernels of x86 CPUs without VNNI multiply in 16 bits, exactly
-            overrides[d["weight"]] = [{"quant_type": QuantType.QUInt8, "symmetric": True, "axis": axis}]
-        elif recipe.dense_weight_bits == 7:
+        if recipe.dense_weight_bits == 7:
             overrides[d["weight"]] = [{"reduce_range": True, "symmetric": True, "axis": axis}]
     skip = shape_nodes(model)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -257,11 +255,11 @@ def write_int8(prep: Path, dst: Path, stats: Statistics, recipe: Recipe, exclude
             quantize_static(str(prep), str(dst), None, quant_format=QuantFormat.QDQ, per_channel=True, activation_type=act,
                             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(skip) + list(exclude),
                             extra_options=extra, calibration_cache_path=str(cache))
-    widened = widen_uint8_weight_scales(dst, model) if recipe.dense_weight_type == "uint8" and recipe.quantize_bias else 0
     corrected = correct_biases(dst, model, stats.means)
     pinned = keep_float(dst, exclude) if recipe.quantize_bias else 0  # ORT CPU graphs; TensorRT runs no ORT transformer
+    recoded = uint8_dense_weights(dst, model) if recipe.dense_weight_type == "uint8" else 0
     return {"recipe": recipe.name, "dense_weight_bits": recipe.dense_weight_bits, "dense_weight_type": recipe.dense_weight_type,
-            "bias_corrected_nodes": corrected, **({"widened_weight_channels": widened} if widened else {}),
+            "bias_corrected_nodes": corrected, **({"uint8_weight_nodes": recoded} if recoded else {}),
             "float_nodes": list(exclude), "shape_nodes_kept_float": len(skip), "exact_on": list(recipe.exact_on),
             **({"float_inputs_per_axis": pinned} if pinned else {})}
 
@@ -341,63 +339,35 @@ def _dq_weight(inits: dict, producer: dict, name: str) -> Optional[np.ndarray]:
     return (q - zp) * scale
 
 
-def widen_uint8_weight_scales(path: Path, fp32_model) -> int:
-    """Raise the per-channel scale of uint8 weights where the int32 bias would overflow (in place); returns how many channels.
-
-    An int32 bias is stored in units of input_scale * weight_scale. A channel whose weights are all near zero but whose bias
-    is not (a dead channel with batch norm folded in) gets a tiny weight scale and a bias past int32, which the quantizer
-    clips. ONNX Runtime's quantizer widens such a channel's weight scale first (``_adjust_weight_scale_for_int32_bias``), but
-    only for int8/int16 weights with zero points 0: on ImageNet Lite0's uint8 dense weights 14 biases were clipped. The same
-    repair here: the channel's scale grows until the bias fits, its weights are quantized again with it, the bias too."""
+def uint8_dense_weights(path: Path, fp32_model) -> int:
+    """Store the int8 weights of every dense (not depthwise) Conv/Gemm/MatMul as uint8 codes + 128 with zero point 128 (in
+    place); returns how many. The same numbers by the ONNX definition ((q + 128) - 128 = q, same scales, same int32 bias),
+    so the graph's answers are the ones of the int8 graph it was written as, but ONNX Runtime runs these layers on its U8U8
+    kernels, which on x86 CPUs without VNNI widen both operands to 16 bits (VPMADDWD): no pair sum saturates there.
+    (Asking ONNX Runtime's quantizer for uint8 weights instead gives other scales, and it skips the int32-bias-overflow
+    widening for uint8 weights: 14 ImageNet Lite0 biases were clipped.)"""
     import onnx
     from onnx import numpy_helper
 
     m = onnx.load(str(path))
-    g = m.graph
-    inits = {t.name: t for t in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    fp_inits = {t.name: t for t in fp32_model.graph.initializer}
-    fp_nodes = {n.name: n for n in fp32_model.graph.node}
-    qrange = float(np.iinfo(np.int32).max) - float(np.iinfo(np.int32).min + 1)
-    widened = 0
-    for n in g.node:
-        fp = fp_nodes.get(n.name)
-        if n.op_type not in ("Conv", "Gemm") or len(n.input) < 3 or fp is None or len(fp.input) < 3 or fp.input[2] not in fp_inits:
+    inits = {t.name: t for t in m.graph.initializer}
+    producer = {o: n for n in m.graph.node for o in n.output}
+    dense = dense_inputs(fp32_model)
+    done = 0
+    for n in m.graph.node:
+        d = dense.get(n.name)
+        dq = producer.get(n.input[1]) if d is not None and not d["depthwise"] and len(n.input) > 1 else None
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3 or dq.input[0] not in inits or dq.input[2] not in inits:
             continue
-        xdq, wdq, bdq = (producer.get(i) for i in n.input[:3])
-        if not all(d is not None and d.op_type == "DequantizeLinear" for d in (wdq, bdq, xdq)) or len(wdq.input) < 3:
+        q_t, zp_t = inits[dq.input[0]], inits[dq.input[2]]
+        zp = numpy_helper.to_array(zp_t)
+        if q_t.data_type != onnx.TensorProto.INT8 or zp.any():
             continue
-        if wdq.input[0] not in inits or bdq.input[0] not in inits or xdq.input[1] not in inits or fp.input[1] not in fp_inits:
-            continue
-        wq_t, ws_t, bq_t, bs_t = inits[wdq.input[0]], inits[wdq.input[1]], inits[bdq.input[0]], inits[bdq.input[1]]
-        if wq_t.data_type != onnx.TensorProto.UINT8:
-            continue
-        wq, ws = numpy_helper.to_array(wq_t), numpy_helper.to_array(ws_t).astype(np.float64)
-        zp = numpy_helper.to_array(inits[wdq.input[2]]).astype(np.float64)
-        xs = float(numpy_helper.to_array(inits[xdq.input[1]]))
-        bias = numpy_helper.to_array(fp_inits[fp.input[2]]).astype(np.float64)
-        w = numpy_helper.to_array(fp_inits[fp.input[1]]).astype(np.float64)
-        if ws.ndim != 1 or ws.size != bias.size or ws.size < 2:
-            continue
-        axis = _attr(wdq, "axis", 1)
-        need = 1.0001 * 2.0 * np.abs(bias) / qrange  # the smallest bias scale that holds each channel's bias
-        grow = np.where((xs * ws > 0) & (xs * ws < need), need / np.maximum(xs * ws, 1e-300), 1.0)
-        if not (grow > 1.0).any():
-            continue
-        ws = ws * grow
-        shape = [1] * w.ndim
-        shape[axis] = -1
-        q = np.clip(np.round(w / ws.reshape(shape)) + zp.reshape(shape), 0, 255).astype(np.uint8)
-        wq_t.CopyFrom(numpy_helper.from_array(np.where((grow > 1.0).reshape(shape), q, wq), wq_t.name))
-        ws_t.CopyFrom(numpy_helper.from_array(ws.astype(np.float32), ws_t.name))
-        bscale = (xs * ws).astype(np.float32)
-        bs_t.CopyFrom(numpy_helper.from_array(bscale, bs_t.name))
-        bq = np.clip(np.round(bias / bscale.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
-        bq_t.CopyFrom(numpy_helper.from_array(np.where(grow > 1.0, bq, numpy_helper.to_array(bq_t)), bq_t.name))
-        widened += int((grow > 1.0).sum())
-    if widened:
-        onnx.save(m, str(path))
-    return widened
+        q_t.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(q_t).astype(np.int16) + 128).astype(np.uint8), q_t.name))
+        zp_t.CopyFrom(numpy_helper.from_array(np.full(zp.shape, 128, np.uint8), zp_t.name))
+        done += 1
+    onnx.save(m, str(path))
+    return done
 
 
 def correct_biases(path: Path, fp32_model, means: Dict[str, np.ndarray]) -> int:
