@@ -89,18 +89,20 @@ def scores(ref: np.ndarray, got: np.ndarray, labels) -> dict:
     return out
 
 
-def evaluate(graphs: dict, x: np.ndarray, work: Path, emulate: bool = False) -> dict:
-    """{name: logits} for ONNX graphs, in a child process (natively, or under qemu's Haswell: AVX2, no VNNI)."""
-    inp = work / ("x_emu.npy" if emulate else "x.npy")
+def evaluate(graphs: dict, x: np.ndarray, work: Path, emulate: bool = False, tag: str = "") -> dict:
+    """{name: logits} for ONNX graphs, in a child process (natively, or under qemu's Haswell: AVX2, no VNNI). The inputs and
+    logits stay in ``work`` as x{tag}[.emu].npy and NAME{tag}[.emu].npy (``tag`` keeps one image set's files from another's)."""
+    suffix = f"{tag}{'.emu' if emulate else ''}"
+    inp = work / f"x{suffix}.npy"
     np.save(inp, x)
     script = work / "eval_onnx.py"
     script.write_text(EVAL_SCRIPT)
     args = []
     for name, path in graphs.items():
-        args += [str(path), str(work / f"{name}{'.emu' if emulate else ''}.npy")]
+        args += [str(path), str(work / f"{name}{suffix}.npy")]
     cmd = ([*QEMU] if emulate else []) + [sys.executable, str(script), str(inp), str(work), *args]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return {name: np.load(work / f"{name}{'.emu' if emulate else ''}.npy") for name in graphs}
+    return {name: np.load(work / f"{name}{suffix}.npy") for name in graphs}
 
 
 def speed(fp32: Path, graphs: dict, x: np.ndarray, threads: int = 2, rounds: int = 20) -> dict:
@@ -302,16 +304,18 @@ def study(name: str, fp32: Path, calib: np.ndarray, val: np.ndarray, labels, wor
         t0 = time.time()
         emu = evaluate(chosen, val[idx], work, emulate=True)
         few = idx[: args.emu_fp32_images]
-        fp32_emu = evaluate({"fp32": fp32}, val[few], work, emulate=True)["fp32"]
+        fp32_emu = evaluate({"fp32": fp32}, val[few], work, emulate=True, tag="_fp32check")["fp32"]
         for k, v in emu.items():
             rows[k]["emulated_avx2"] = scores(ref[idx], v, None if labels is None else labels[idx])
+            # the same graph natively on the same photos: 0.0 means the emulated CPU gave the same answers bit for bit
+            rows[k]["emulated_avx2"]["max_abs_diff_vs_native"] = float(np.abs(v - native[k][idx]).max())
         rows["_emulated_fp32_vs_native"] = {"max_abs_diff": float(np.abs(fp32_emu - ref[few]).max()), "images": int(len(few)),
                                             "top1_same": bool((fp32_emu.argmax(1) == ref[few].argmax(1)).all()),
                                             "int8_images": int(len(idx)), "seconds": round(time.time() - t0, 1)}
     if held_out is not None:  # photos neither calibration nor the export's judgement saw
         np.save(work / "held_out.npy", held_out)
         chosen = {k: v for k, v in graphs.items() if k.startswith(("bundle-", "nncf-"))}
-        held = evaluate({"fp32": fp32, **chosen}, held_out, work)
+        held = evaluate({"fp32": fp32, **chosen}, held_out, work, tag="_held_out")
         ref_h = held.pop("fp32")
         for k, v in held.items():
             rows[k]["held_out"] = scores(ref_h, v, None)
@@ -321,6 +325,11 @@ def study(name: str, fp32: Path, calib: np.ndarray, val: np.ndarray, labels, wor
     return {"model": name, "calibration_images": int(len(calib)), "validation_images": int(len(val)), "labelled": labels is not None,
             "held_out_images": 0 if held_out is None else int(len(held_out)),
             "rows": rows, "speed": spd, "nncf": nncf_info, "seconds": {"ort_defaults": round(t_ort, 1), "edgeconv_calibrate_and_write": round(t_ours, 1)}}
+
+
+def _native_diff(s: dict) -> str:
+    d = s.get("max_abs_diff_vs_native")
+    return "" if d is None else (" (= native, bit for bit)" if d == 0.0 else f" (max \\|diff\\| vs native {d:.2g})")
 
 
 def markdown(results: list, meta: dict) -> str:
@@ -343,8 +352,8 @@ def markdown(results: list, meta: dict) -> str:
                 if not s:
                     return "-"
                 if r["labelled"]:
-                    return f"{100 * s['accuracy']:.2f} % (drop {s['drop_points']:+.2f}), agree {100 * s['agreement']:.1f} %"
-                return f"agree {100 * s['agreement']:.1f} %, top-5 {100 * s['top5_contains_fp32_top1']:.1f} %"
+                    return f"{100 * s['accuracy']:.2f} % (drop {s['drop_points']:+.2f}), agree {100 * s['agreement']:.1f} %" + _native_diff(s)
+                return f"agree {100 * s['agreement']:.1f} %, top-5 {100 * s['top5_contains_fp32_top1']:.1f} %" + _native_diff(s)
 
             b1 = speeds.get("1", {}).get(k, {}).get("speedup_vs_fp32")
             b32 = speeds.get("32", {}).get(k, {}).get("speedup_vs_fp32")
@@ -391,7 +400,7 @@ def update(args) -> None:
                 r["rows"]["nncf-accuracy-control (OpenVINO)"] = {"native": scores(ref, np.load(work / "nncf_ac_logits.npy"), None)}
                 if (work / "held_out.npy").exists():
                     held = np.load(work / "held_out.npy")
-                    ref_h = evaluate({"fp32": bundle / "model.onnx"}, held, work)["fp32"]
+                    ref_h = evaluate({"fp32": bundle / "model.onnx"}, held, work, tag="_held_out")["fp32"]
                     r["rows"]["nncf-accuracy-control (OpenVINO)"]["held_out"] = scores(ref_h, nncf_ac_logits(work, held), None)
     path.write_text(json.dumps(data, indent=2))
     md = markdown(data["results"], data["meta"])
