@@ -23,8 +23,8 @@ The pieces ``precision.calibrate_int8`` puts together, each measured on real mod
   uint8 codes + 128 (zero point 128): the same numbers, so natively the same answers bit for bit, but ONNX Runtime runs those
   layers on its U8U8 kernels, which widen both operands to 16 bits (VPMADDWD) on x86 CPUs without VNNI, so no pair sum
   saturates there and the answers are the same on every CPU class (ImageNet Lite0: bit-identical logits under an emulated
-  AVX2 CPU, where the U8S8 graph kept 78.1 % top-1 agreement). It is slower (on a VNNI CPU, where it never runs, 1.06x FP32 at
-  batch 1 against 1.61x for the int8 graph). Depthwise weights stay int8: ONNX Runtime's U8U8 depthwise kernel made an all-uint8 graph
+  AVX2 CPU, where the U8S8 graph kept 78.1 % top-1 agreement). It is slower (on a VNNI CPU, where it never runs, 1.27x FP32 at
+  batch 1 against 2.03x for the int8 graph). Depthwise weights stay int8: ONNX Runtime's U8U8 depthwise kernel made an all-uint8 graph
   0.24x FP32. 7-bit activations instead of 7-bit weights lost far more (76.8 % agreement).
 """
 from __future__ import annotations
