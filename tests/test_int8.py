@@ -173,8 +173,9 @@ def test_portable_u8_keeps_8_bit_dense_weights_as_uint8_and_depthwise_weights_as
             assert np.abs(q.astype(int) - 128).max() > 64, name  # 8-bit codes, not the 7-bit portable graph's
     assert "uint8" in int8.RECIPES["portable-u8"].layout()["weights"]
     cpu = tmp_path / "cpu.onnx"
-    writer.write(cpu, int8.RECIPES["cpu"])  # the same numbers stored as int8: the answers are bit-identical
-    np.testing.assert_array_equal(_logits(dst, photos), _logits(cpu, photos))
+    writer.write(cpu, int8.RECIPES["cpu"])  # the same numbers stored as int8: bit-identical answers where the int8 sums are exact
+    if cpu_class() in int8.RECIPES["cpu"].exact_on:  # (on x86 without VNNI the cpu graph saturates and this one does not)
+        np.testing.assert_array_equal(_logits(dst, photos), _logits(cpu, photos))
     ref = ort.InferenceSession(str(samepad_onnx), providers=["CPUExecutionProvider"]).run(None, {"input": photos})[0]
     got = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"input": photos})[0]
     cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
