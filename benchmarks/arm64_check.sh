@@ -16,7 +16,8 @@
 #
 # Environment: ARM64_WORK (work folder, default /var/tmp/edgeconv-arm64), ARM64_ROOT (default
 # $ARM64_WORK/root), ARM64_SUITE (bookworm), DEBIAN_MIRROR (default: the one this machine's apt uses),
-# X86_VENV (default ./.venv), MNIST_BUNDLE, LITE0_BUNDLE, ARM64_THREADS (1), ARM64_JPEGS (50), ARM64_DIGITS (50).
+# X86_VENV (default ./.venv), MNIST_BUNDLE, LITE0_BUNDLE, ARM64_THREADS (1), ARM64_JPEGS (50), ARM64_DIGITS (50),
+# ARM64_RESULTS (results file name, default arm64_check: another bundle in LITE0_BUNDLE keeps the default run's results).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -227,4 +228,4 @@ phase runs-arm64 side_runs "$ARM_HOST/out" "$ARM_BASE" in_root
 # ------------------------------------------------------------------------------------------- 5. compare
 printf 'total\t%s\tran\n' "$(awk -v d=$(($(now_ns) - T_START)) 'BEGIN{printf "%.1f", d/1e9}')" >> "$TIMES"
 "$PY" "$REPO/benchmarks/arm64_compare.py" compare --x86 "$X86_BASE/out" --arm64 "$ARM_HOST/out" --images "$WORK/images" \
-  --times "$TIMES" --command "benchmarks/arm64_check.sh (ARM64_THREADS=$THREADS, root $ROOT)"
+  --times "$TIMES" --command "benchmarks/arm64_check.sh (ARM64_THREADS=$THREADS, root $ROOT)" --name "${ARM64_RESULTS:-arm64_check}"

@@ -200,12 +200,12 @@ def compare(args) -> int:
     print(text)
     print(f"\narm64 check {'PASSED' if result['ok'] else 'FAILED'}: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in checks.items()))
 
-    path = write_json("arm64_check.json", result)
+    path = write_json(f"{args.name}.json", result)
     md = (f"# ARM64 under emulation vs x86 (issue 12, section 4)\n\n`{args.command}`\n\n{result['note']}.\n\n"
           f"**{'PASSED' if result['ok'] else 'FAILED'}**: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in checks.items())
           + f"\n\n{text}\n")
-    atomic_write_text(RESULTS / "arm64_check.md", md)
-    print(f"wrote {path} and {RESULTS / 'arm64_check.md'}")
+    atomic_write_text(RESULTS / f"{args.name}.md", md)
+    print(f"wrote {path} and {RESULTS / (args.name + '.md')}")
     return 0 if result["ok"] else 1
 
 
@@ -223,6 +223,7 @@ def main() -> None:
     sp.add_argument("--times", help="phase timings (name<TAB>seconds<TAB>status)")
     sp.add_argument("--bundles", help="folder with mnist/ and lite0/ (default: next to --x86)")
     sp.add_argument("--command", default="benchmarks/arm64_check.sh")
+    sp.add_argument("--name", default="arm64_check", help="results file name under benchmarks/results (NAME.json, NAME.md)")
     a = p.parse_args()
     if a.step == "images":
         write_images(Path(a.out), a.jpegs, a.digits)
