@@ -162,6 +162,9 @@ def ort_defaults(fp32: Path, dst: Path, calib: np.ndarray) -> None:
     quantize_static(str(prep), str(dst), Reader())
 
 
+OUR_RECIPES = ("cpu", "portable", "portable-u8")  # the rows "ours" writes and "--update speed" times again
+
+
 def ours(fp32: Path, work: Path, calib: np.ndarray) -> dict:
     """edgeconv's graphs as the calibration writes them, before any node is kept in float: from min/max ranges and from
     99.99th-percentile ranges (the two that "auto", the default, tries in that order)."""
@@ -172,7 +175,7 @@ def ours(fp32: Path, work: Path, calib: np.ndarray) -> dict:
     out = {}
     try:
         for ranges in writer.ranges:
-            for r in ("cpu", "portable", "portable-u8"):
+            for r in OUR_RECIPES:
                 out[f"edgeconv-{r} ({ranges})"] = work / f"edgeconv_{r}_{ranges}.onnx"
                 writer.write(out[f"edgeconv-{r} ({ranges})"], RECIPES[r], ranges=ranges)
     finally:
@@ -394,7 +397,7 @@ def update(args) -> None:
         work, bundle = args.work / key, bundles[key]
         x = np.load(work / "x.npy", mmap_mode="r")
         if "speed" in what:
-            graphs = {**{f"edgeconv-{g} ({m})": work / f"edgeconv_{g}_{m}.onnx" for g in ("cpu", "portable", "portable-u8") for m in ("minmax", "percentile")},
+            graphs = {**{f"edgeconv-{g} ({m})": work / f"edgeconv_{g}_{m}.onnx" for g in OUR_RECIPES for m in ("minmax", "percentile")},
                       **bundle_graphs(bundle), "nncf-default": work / "nncf_default.onnx",
                       **({f"qat {k}": v for k, v in bundle_graphs(args.qat_bundle).items()} if key == "fe_bundle" and args.qat_bundle else {})}
             graphs = {k: v for k, v in graphs.items() if v.exists()}

@@ -146,8 +146,8 @@ def _dense_weight_codes(path, prep):
     dense = int8.dense_inputs(onnx.load(str(prep)))
     out = {}
     for n in m.graph.node:
-        dq = producer.get(n.input[1]) if n.name in dense else None
-        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+        dq = int8.weight_dequantize(inits, producer, n.input[1]) if n.name in dense else None
+        if dq is not None:
             out[n.name] = (numpy_helper.to_array(inits[dq.input[0]]), numpy_helper.to_array(inits[dq.input[2]]), dense[n.name]["depthwise"])
     return out
 

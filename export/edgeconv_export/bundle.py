@@ -501,7 +501,8 @@ def _calibrated_int8(tmp: Path, inp: ExportInputs, opts: ExportOptions, fp32: _F
 def _int8_refusal(name: str, recipe: str, record: dict, opts: ExportOptions) -> str:
     """One line: which INT8 graph missed, what it tried and how close it got."""
     ranges, recipes = record.get("ranges_tried") or [], record.get("recipes_tried") or []
-    across = f" (best of {' and '.join(ranges)} ranges" + (f", recipes {' and '.join(recipes)})" if len(recipes) > 1 else ")") if len(ranges) > 1 else ""
+    tried = ([f"{' and '.join(ranges)} ranges"] if len(ranges) > 1 else []) + ([f"recipes {' and '.join(recipes)}"] if len(recipes) > 1 else [])
+    across = f" (best of {', '.join(tried)})" if tried else ""
     if not record.get("nodes_tried"):
         fix = "allow accuracy-aware INT8 (--max-float-nodes N)" if opts.max_float_nodes <= 0 else "calibrate on more images (--calib-size)"
         return f"INT8 graph {name} ({recipe}): {record['problem']}{across}; {fix}, or export without int8"

@@ -237,12 +237,11 @@ def write_int8(prep: Path, dst: Path, stats: Statistics, recipe: Recipe, exclude
     model = onnx.load(str(prep))
     dense = dense_inputs(model)
     overrides = {}
-    for d in dense.values():
-        if d["depthwise"]:  # ONNX Runtime's depthwise kernels widen to 16 bits before multiplying: no pairs to saturate
-            continue
-        axis = 0 if d["op"] == "Conv" or d["transB"] else 1  # the output-channel axis, as per-channel quantization uses
-        if recipe.dense_weight_bits == 7:
-            overrides[d["weight"]] = [{"reduce_range": True, "symmetric": True, "axis": axis}]
+    if recipe.dense_weight_bits == 7:
+        for d in dense.values():
+            if not d["depthwise"]:  # ONNX Runtime's depthwise kernels widen to 16 bits before multiplying: no pairs to saturate
+                axis = 0 if d["op"] == "Conv" or d["transB"] else 1  # the output-channel axis, as per-channel quantization uses
+                overrides[d["weight"]] = [{"reduce_range": True, "symmetric": True, "axis": axis}]
     skip = shape_nodes(model)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         cache = Path(tmp) / "ranges.json"
@@ -257,7 +256,7 @@ def write_int8(prep: Path, dst: Path, stats: Statistics, recipe: Recipe, exclude
                             extra_options=extra, calibration_cache_path=str(cache))
     corrected = correct_biases(dst, model, stats.means)
     pinned = keep_float(dst, exclude) if recipe.quantize_bias else 0  # ORT CPU graphs; TensorRT runs no ORT transformer
-    recoded = uint8_dense_weights(dst, model) if recipe.dense_weight_type == "uint8" else 0
+    recoded = uint8_dense_weights(dst, dense) if recipe.dense_weight_type == "uint8" else 0
     return {"recipe": recipe.name, "dense_weight_bits": recipe.dense_weight_bits, "dense_weight_type": recipe.dense_weight_type,
             "bias_corrected_nodes": corrected, **({"uint8_weight_nodes": recoded} if recoded else {}),
             "float_nodes": list(exclude), "shape_nodes_kept_float": len(skip), "exact_on": list(recipe.exact_on),
@@ -321,12 +320,20 @@ def keep_float(path: Path, names: Sequence[str]) -> int:
     return changed
 
 
+def weight_dequantize(inits: dict, producer: dict, name: str):
+    """The DequantizeLinear node that makes the weight tensor ``name`` from a quantized initializer, or None (kept in float)."""
+    dq = producer.get(name)
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+        return None
+    return dq
+
+
 def _dq_weight(inits: dict, producer: dict, name: str) -> Optional[np.ndarray]:
     """The float weight a DequantizeLinear of an int8 initializer gives, as ONNX Runtime computes it."""
     from onnx import numpy_helper
 
-    dq = producer.get(name)
-    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+    dq = weight_dequantize(inits, producer, name)
+    if dq is None:
         return None
     q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float64)
     scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
@@ -339,7 +346,7 @@ def _dq_weight(inits: dict, producer: dict, name: str) -> Optional[np.ndarray]:
     return (q - zp) * scale
 
 
-def uint8_dense_weights(path: Path, fp32_model) -> int:
+def uint8_dense_weights(path: Path, dense: Dict[str, dict]) -> int:
     """Store the int8 weights of every dense (not depthwise) Conv/Gemm/MatMul as uint8 codes + 128 with zero point 128 (in
     place); returns how many. The same numbers by the ONNX definition ((q + 128) - 128 = q, same scales, same int32 bias),
     so the graph's answers are the ones of the int8 graph it was written as, but ONNX Runtime runs these layers on its U8U8
@@ -352,12 +359,11 @@ def uint8_dense_weights(path: Path, fp32_model) -> int:
     m = onnx.load(str(path))
     inits = {t.name: t for t in m.graph.initializer}
     producer = {o: n for n in m.graph.node for o in n.output}
-    dense = dense_inputs(fp32_model)
     done = 0
     for n in m.graph.node:
-        d = dense.get(n.name)
-        dq = producer.get(n.input[1]) if d is not None and not d["depthwise"] and len(n.input) > 1 else None
-        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3 or dq.input[0] not in inits or dq.input[2] not in inits:
+        d = dense.get(n.name)  # ``dense``: dense_inputs() of the FP32 graph it was quantized from
+        dq = weight_dequantize(inits, producer, n.input[1]) if d is not None and not d["depthwise"] else None
+        if dq is None or len(dq.input) < 3 or dq.input[2] not in inits:
             continue
         q_t, zp_t = inits[dq.input[0]], inits[dq.input[2]]
         zp = numpy_helper.to_array(zp_t)
@@ -366,7 +372,8 @@ def uint8_dense_weights(path: Path, fp32_model) -> int:
         q_t.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(q_t).astype(np.int16) + 128).astype(np.uint8), q_t.name))
         zp_t.CopyFrom(numpy_helper.from_array(np.full(zp.shape, 128, np.uint8), zp_t.name))
         done += 1
-    onnx.save(m, str(path))
+    if done:
+        onnx.save(m, str(path))
     return done
 
 
@@ -409,7 +416,8 @@ def correct_biases(path: Path, fp32_model, means: Dict[str, np.ndarray]) -> int:
         else:
             continue
         done += 1
-    onnx.save(m, str(path))
+    if done:
+        onnx.save(m, str(path))
     return done
 
 
