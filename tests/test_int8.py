@@ -407,3 +407,21 @@ def test_quant_report_lists_tensors_worst_first(mnist_bundle, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "edgeconv", "quant-report", str(mnist_bundle), "--variant", "tensorrt", "--data", str(tmp_path / "none")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_an_int8_graph_slower_than_fp32_is_named_in_one_warning(mnist_run, tmp_path, monkeypatch, caplog):
+    """MobileNetV3-Small's INT8 graph ran at 0.64x FP32 on a VNNI CPU: the export says so, for each graph on its own."""
+    import logging
+
+    from edgeconv.exporting import ExportRequest, export_run
+    from edgeconv_export import bundle as export_bundle
+
+    monkeypatch.setattr(export_bundle, "_speedup", lambda fp32, path, x: 0.5 if "portable" in path.name else 2.0)
+    with caplog.at_level(logging.WARNING, logger="edgeconv.export"):
+        export_run(ExportRequest(checkpoint=str(mnist_run), out=str(tmp_path / "b"), precisions=("fp32", "int8"), calib_size=64))
+    slow = [r.getMessage() for r in caplog.records if "pay off" in r.getMessage()]
+    assert len(slow) == 1 and slow[0].startswith("model.int8.portable.onnx runs at 0.50x FP32's speed at batch 1"), slow
+    assert "edgeconv-runtime tune" in slow[0] and "\n" not in slow[0]
+    speeds = {a["file"]: a["details"]["int8"]["speedup_vs_fp32_batch1"] for a in json.loads((tmp_path / "b" / "manifest.json").read_text())["artifacts"]
+              if a["precision"] == "int8" and a.get("variant") != "tensorrt"}
+    assert speeds == {"model.int8.onnx": 2.0, "model.int8.portable.onnx": 0.5}
