@@ -28,6 +28,8 @@ CALIBRATION_METHODS = ("auto", "minmax", "entropy", "percentile")
 # ImageNet EfficientNet-Lite0 (200 calibration, 353 validation photos, VNNI CPU): top-1 agreement 94.6 % from min/max,
 # 96.6 % from percentile; on the cats/dogs flagship min/max already keeps it (98.6 % vs FP32 98.7 %).
 AUTO_RANGES = ("minmax", "percentile")
+# ImageNet Lite0, cpu recipe, percentile ranges, no float node: 94.6 % top-1 agreement from 50 calibration photos, 95.8 %
+# from 100, 96.6 % from 200, 97.2 % from 500 (per-tensor weights instead of per-channel, 200 photos: 85.6 %)
 MIN_CALIBRATION_WARN = 100
 
 
