@@ -52,6 +52,9 @@ class ServeConfig:
     profile: bool = True  # `auto`: run the bundle's tuned profile for this device (edgeconv-runtime tune); --no-profile: ignore it
 
 
+_LINGER_S, _LINGER_BYTES = 2.0, 16 * 1024 * 1024  # after a 431: how long and how much of the client's rest is read and dropped
+
+
 def _guarded_protocol(cfg: ServeConfig):
     """uvicorn's HTTP protocol with the limits it lacks: request line + headers capped at --max-header-kb (431) and
     due within --header-timeout-s of the connection or of the previous response (closed), so a client that sends
@@ -70,6 +73,7 @@ def _guarded_protocol(cfg: ServeConfig):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._head_bytes, self._in_head, self._waiting, self._head_timer, self._refused = 0, False, True, None, False
+            self._linger_left, self._linger_timer = 0, None
             self._arm_head_timer()
 
         def _arm_head_timer(self) -> None:
@@ -89,12 +93,26 @@ def _guarded_protocol(cfg: ServeConfig):
             reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
             self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
                                  % (status, reason, len(msg), msg))
-            self.transport.close()
-            self._refused = True
+            self._refused, self._waiting = True, False
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
             _GuardedHttp.count(status)
+            if status == 431 and self.transport.can_write_eof():
+                # a lingering close, as nginx does: half-close, then read and drop what the client is still sending for
+                # a moment. Closing with its bytes unread makes the kernel send a reset that can wipe the 431 before
+                # the client reads it (seen with a 2 MB header on a loaded machine).
+                self.transport.write_eof()
+                self._linger_left = _LINGER_BYTES
+                self._linger_timer = self.loop.call_later(_LINGER_S, self.transport.close)
+            else:
+                self.transport.close()
 
         def data_received(self, data: bytes) -> None:
-            if self._refused:
+            if self._refused:  # lingering after a 431: dropped, up to a cap
+                self._linger_left -= len(data)
+                if self._linger_left <= 0:
+                    self.transport.close()
                 return
             was_in_head = self._in_head
             super().data_received(data)
@@ -138,9 +156,10 @@ def _guarded_protocol(cfg: ServeConfig):
                 self._arm_head_timer()
 
         def connection_lost(self, exc) -> None:
-            if getattr(self, "_head_timer", None) is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
+            for timer in (getattr(self, "_head_timer", None), getattr(self, "_linger_timer", None)):
+                if timer is not None:
+                    timer.cancel()
+            self._head_timer = self._linger_timer = None
             super().connection_lost(exc)
 
     return Guarded
