@@ -10,14 +10,21 @@ SHARED = Path(os.environ.get("EDGECONV_DATA") or ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def cpu_meta() -> dict:
+    """The CPU's model name, whether it has VNNI, and the flags that decide INT8 kernels: for every INT8 figure."""
+    try:
+        features = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        features = ""
+    name = next((l.split(":", 1)[1].strip() for l in features.splitlines() if l.startswith("model name")), platform.processor())
+    return {"cpu": name, "vnni": "avx512_vnni" in features.split(),
+            "flags": sorted(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni") if f in features.split())}
+
+
 def environment() -> dict:
     import torch
 
-    cpu = ""
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_meta()["cpu"]
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": str(torch.__version__), "python": platform.python_version()}
 
 

@@ -11,7 +11,7 @@ top-1 agreement with FP32 on every validation photo. Writes benchmarks/results/i
 from __future__ import annotations
 
 import argparse
-import platform
+import contextlib
 import sys
 import tempfile
 import time
@@ -20,40 +20,27 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import RESULTS, SHARED, table, write_json
+from _common import RESULTS, SHARED, cpu_meta, table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "runtime"), str(ROOT / "export")]
 
 
-def logits(path: Path, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return np.concatenate([s.run(None, {s.get_inputs()[0].name: x[i : i + 32]})[0] for i in range(0, len(x), 32)])
-
-
+@contextlib.contextmanager
 def per_tensor_weights():
     """A context in which ONNX Runtime's quantize_static writes per-tensor weights (write_int8 asks for per-channel)."""
-    import contextlib
-
     import onnxruntime.quantization as oq
 
-    @contextlib.contextmanager
-    def ctx():
-        real = oq.quantize_static
-        oq.quantize_static = lambda *a, **k: real(*a, **{**k, "per_channel": False})
-        try:
-            yield
-        finally:
-            oq.quantize_static = real
-
-    return ctx()
+    real = oq.quantize_static
+    oq.quantize_static = lambda *a, **k: real(*a, **{**k, "per_channel": False})
+    try:
+        yield
+    finally:
+        oq.quantize_static = real
 
 
 def main() -> None:
+    from edgeconv_export.bundle import runtime_logits
     from edgeconv_export.int8 import RECIPES
     from edgeconv_export.precision import Int8Writer
     from edgeconv_runtime.bundle import read_bundle
@@ -74,7 +61,7 @@ def main() -> None:
     pool = sorted(p for p in args.extra.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     step = max(1, len(pool) // args.extra_count)
     picks = [pool[o::step][: args.extra_count] for o in args.extra_offsets if o < step]  # evenly spaced, each from another offset
-    ref = logits(bundle / "model.onnx", val).argmax(1)
+    ref = runtime_logits(bundle / "model.onnx", val).argmax(1)
     rows = []
     plan = [(int(n), calib[: int(n)], False) for n in args.sizes.split(",")]
     plan.append((len(calib), calib, True))
@@ -82,24 +69,21 @@ def main() -> None:
         plan.append((f"{len(calib)} + {len(files)} (pick {i + 1})", np.concatenate([calib, preprocess_images(files, pre)]), False))
     with tempfile.TemporaryDirectory(prefix="int8cheap.") as tmp:
         tmp = Path(tmp)
-        writers = {}
+        writer, last_n = None, None
         for n, x, per_tensor in plan:
             t0 = time.time()
-            writer = writers.get(n) or Int8Writer(bundle / "model.onnx", x, "percentile", tmp)
-            writers[n] = writer
-            if per_tensor:
-                with per_tensor_weights():
-                    writer.write(tmp / "g.onnx", RECIPES["cpu"])
-            else:
+            if n != last_n:  # the per-tensor row reuses the ranges of the row on the same photos, when there is one
+                if writer is not None:
+                    writer.close()
+                writer, last_n = Int8Writer(bundle / "model.onnx", x, "percentile", tmp), n
+            with per_tensor_weights() if per_tensor else contextlib.nullcontext():
                 writer.write(tmp / "g.onnx", RECIPES["cpu"])
-            agree = float((logits(tmp / "g.onnx", val).argmax(1) == ref).mean())
+            agree = float((runtime_logits(tmp / "g.onnx", val).argmax(1) == ref).mean())
             rows.append({"calibration photos": n, "weights": "per-tensor" if per_tensor else "per-channel",
                          "top-1 agreement %": round(100 * agree, 1), "seconds": round(time.time() - t0, 1)})
             print(rows[-1], flush=True)
-        for w in writers.values():
-            w.close()
-    meta = {"date": str(date.today()), "machine": platform.processor() or platform.machine(),
-            "vnni": "avx512_vnni" in Path("/proc/cpuinfo").read_text(), "validation_photos": len(val), "recipe": "cpu",
+        writer.close()
+    meta = {"date": str(date.today()), **cpu_meta(), "validation_photos": len(val), "recipe": "cpu",
             "ranges": "percentile", "float_nodes": 0, "extra_photos": f"{args.extra_count} evenly spaced from {args.extra}, {len(picks)} picks"}
     write_json("int8_cheap_fixes.json", {"meta": meta, "rows": rows})
     md = (f"# INT8 cheap fixes, ImageNet EfficientNet-Lite0 ({meta['date']}, VNNI: {meta['vnni']})\n\n"

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -32,13 +30,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("EDGECONV_DATA", ROOT.parent / "shared" / "data"))
-RESULTS = ROOT / "benchmarks" / "results"
 NNCF_VENV = ROOT / "benchmarks" / ".nncf-venv"
 NNCF_VERSION = "3.4.0"
 QEMU = ("qemu-x86_64-static", "-cpu", "Haswell-v4")
 
 sys.path[:0] = [str(ROOT / "runtime"), str(ROOT / "export"), str(ROOT)]
+from _common import RESULTS, SHARED as DATA, cpu_meta  # noqa: E402  (benchmarks/ is the script's folder)
 
 # the evaluator that runs natively and under qemu: ONNX files on .npy inputs -> .npy logits (one thread, batches of 8)
 EVAL_SCRIPT = r'''
@@ -491,9 +488,7 @@ def main() -> None:
                   bundle_graphs(bundle), held_out=held)
         r["import_seconds"] = round(import_s, 1) if args.imagenet_bundle is None else None
         results.append(r)
-    features = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
-    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": next((l.split(":", 1)[1].strip() for l in features.splitlines() if l.startswith("model name")), platform.processor()),
-            "vnni": "avx512_vnni" in features, "flags": sorted(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni") if f in features.split())}
+    meta = {"date": time.strftime("%Y-%m-%d"), **cpu_meta()}
     for r in results:
         r["date"] = meta["date"]
     if args.merge and args.out.with_suffix(".json").exists():  # keep the other models' sections of the earlier run
