@@ -251,6 +251,55 @@ def test_portable_graphs_give_the_same_logits_under_an_emulated_avx2_cpu(samepad
         assert diffs["cpu"] > 0.0, diffs
 
 
+def test_simulated_sums_give_the_fused_kernels_answers_where_those_are_exact(samepad_onnx, photos, tmp_path):
+    """``simulated_logits`` stands in for exact integer kernels (the TensorRT graph everywhere, the cpu graph on x86 without
+    VNNI): on a graph whose fused ONNX Runtime kernels are exact on this CPU (portable-u8 on every class, the cpu graph on
+    VNNI and ARM64) both give the same top-1 and logits within a few quantization steps."""
+    from edgeconv_export.bundle import runtime_logits, simulated_logits
+
+    writer = Int8Writer(samepad_onnx, photos, "minmax", tmp_path)
+    exact = ["portable-u8"] + (["cpu"] if cpu_class() in int8.RECIPES["cpu"].exact_on else [])
+    for r in exact:
+        path = tmp_path / f"{r}.onnx"
+        writer.write(path, int8.RECIPES[r])
+        fused, sim = runtime_logits(path, photos), simulated_logits(path, photos)
+        scale = float(np.abs(fused).max())
+        assert (fused.argmax(1) == sim.argmax(1)).mean() >= 0.97 and np.abs(fused - sim).max() <= 0.03 * scale, (r, np.abs(fused - sim).max(), scale)
+
+
+@pytest.mark.skipif(not shutil.which("qemu-x86_64-static") or platform.machine() != "x86_64",
+                    reason="needs qemu-x86_64-static (Debian qemu-user-static) on an x86_64 host")
+def test_the_tensorrt_graph_is_judged_as_tensorrt_sums_on_any_cpu(samepad_onnx, photos, tmp_path):
+    """The export judges the TensorRT graph with ``simulated_logits`` (QDQ run as written, layers in float: TensorRT's exact
+    32-bit sums), not through ONNX Runtime's fused kernels, whose pair sums saturate on x86 CPUs without VNNI (an AVX2 Zen 3
+    exporting the flagship dropped its TensorRT graph at 95.4 % against FP32's 98.7 %). Under qemu's Haswell CPU the simulation
+    gives the native answers, while the fused kernels' move."""
+    from edgeconv_export.bundle import runtime_logits, simulated_logits
+
+    writer = Int8Writer(samepad_onnx, photos, "minmax", tmp_path)
+    trt = tmp_path / "trt.onnx"
+    writer.write(trt, int8.RECIPES["tensorrt"])
+    x = photos[:16]
+    np.save(tmp_path / "x.npy", x)
+    script = ("import sys, numpy as np\n"
+              "from edgeconv_export.bundle import runtime_logits, simulated_logits\n"
+              "x = np.load(sys.argv[1])\n"
+              "np.save(sys.argv[2] + '.sim.npy', simulated_logits(sys.argv[2], x))\n"
+              "np.save(sys.argv[2] + '.fused.npy', runtime_logits(sys.argv[2], x))\n")
+    subprocess.run(["qemu-x86_64-static", "-cpu", "Haswell-v4", sys.executable, "-c", script, str(tmp_path / "x.npy"), str(trt)],
+                   check=True, capture_output=True, timeout=600)
+    native, emulated = simulated_logits(trt, x), np.load(str(trt) + ".sim.npy")
+    scale = float(np.abs(native).max())
+    sim_diff = float(np.abs(emulated - native).max())
+    # (0.0 on an AVX2 host; a VNNI host's float kernels round differently, which may move a code by one step)
+    assert sim_diff <= 0.01 * scale and (emulated.argmax(1) == native.argmax(1)).all(), (sim_diff, scale)
+    fused_diff = float(np.abs(np.load(str(trt) + ".fused.npy") - native).max())
+    print(json.dumps({"simulated_emulated_vs_native": sim_diff, "fused_emulated_vs_native_simulated": fused_diff, "logit_scale": scale}))
+    assert fused_diff > 0.05 * scale, (fused_diff, scale)  # measured 0.12 of the scale: the saturation the judge must not see
+    if cpu_class() in int8.RECIPES["cpu"].exact_on:  # exact native fused kernels: the same sums as the simulation, up to float rounding
+        np.testing.assert_allclose(runtime_logits(trt, x), native, atol=0.05 * scale)
+
+
 def test_cpu_class_reads_cpuid_and_can_be_forced(monkeypatch):
     assert cpu_class() in ("x86-vnni", "x86-novnni", "arm64") or cpu_class()
     monkeypatch.setenv(ENV_OVERRIDE, "x86-novnni")
@@ -263,16 +312,19 @@ def test_each_graph_is_validated_for_cpu_classes_and_loaded_by_class(mnist_bundl
     assert set(int8s) >= {"default", "portable"}
     assert set(int8s["portable"]["details"]["validated_cpu_classes"]) == {"x86-vnni", "x86-novnni", "arm64"}
     here = int8s["default"]["details"]["int8"]["measured_on"]
-    assert here in int8s["default"]["details"]["validated_cpu_classes"]
-    assert "x86-novnni" not in int8s["default"]["details"]["validated_cpu_classes"] or here == "x86-novnni"
+    # the default graph is validated for the classes whose sums are exact for it, on any exporting CPU: on x86 without VNNI
+    # it is judged on simulated exact sums (a Zen 3 that measured it on its saturating kernels validated it for itself, and
+    # refused the ImageNet import at 76.8 % agreement)
+    assert set(int8s["default"]["details"]["validated_cpu_classes"]) == {"x86-vnni", "arm64"}
+    assert int8s["default"]["details"]["int8"]["judged"] == ("simulated exact sums" if here == "x86-novnni" else "this CPU")
+    assert int8s["portable"]["details"]["int8"]["judged"] == "this CPU"
     assert m["calibration"]["bias_correction"] and {g["variant"] for g in m["calibration"]["graphs"]} >= {"default", "portable"}
     for cls, want in (("x86-vnni", "model.int8.onnx"), ("arm64", "model.int8.onnx"), ("x86-novnni", "model.int8.portable.onnx")):
-        if cls != "x86-novnni" and here == "x86-novnni":
-            continue
         monkeypatch.setenv(ENV_OVERRIDE, cls)
         with Model.load(mnist_bundle, backend="onnxruntime-cpu", precision="int8") as model:
             assert model.artifact.name == want and model.precision == "int8", cls
-            assert model.verify()["ok"]
+            if cls == here or here != "x86-novnni":  # (forced to an exact class, this CPU's saturating kernels run the graph)
+                assert model.verify()["ok"]
 
 
 def test_int8_without_a_graph_for_this_cpu_runs_fp32_with_a_warning(mnist_bundle, tmp_path, monkeypatch, caplog):
