@@ -227,6 +227,13 @@ def test_portable_falls_back_to_uint8_dense_weights_when_the_7_bit_graph_misses(
     assert "recipes portable and portable-u8" in line and "minmax and percentile" in line and "\n" not in line
 
 
+def _under_haswell(script: str, x, tmp_path, *files) -> None:
+    """Runs ``script`` (argv: the .npy of ``x``, then ``files``) in this Python under qemu's Haswell CPU (AVX2, no VNNI)."""
+    np.save(tmp_path / "x.npy", x)
+    subprocess.run(["qemu-x86_64-static", "-cpu", "Haswell-v4", sys.executable, "-c", script, str(tmp_path / "x.npy"), *map(str, files)],
+                   check=True, capture_output=True, timeout=600)
+
+
 @pytest.mark.skipif(not shutil.which("qemu-x86_64-static") or platform.machine() != "x86_64",
                     reason="needs qemu-x86_64-static (Debian qemu-user-static) on an x86_64 host")
 def test_portable_graphs_give_the_same_logits_under_an_emulated_avx2_cpu(samepad_onnx, photos, tmp_path):
@@ -237,14 +244,12 @@ def test_portable_graphs_give_the_same_logits_under_an_emulated_avx2_cpu(samepad
     for r, path in graphs.items():
         writer.write(path, int8.RECIPES[r])
     x = photos[:16]
-    np.save(tmp_path / "x.npy", x)
-    script = ("import sys, numpy as np, onnxruntime as ort\n"
-              "x = np.load(sys.argv[1])\n"
-              "for f in sys.argv[2:]:\n"
-              "    so = ort.SessionOptions(); so.intra_op_num_threads = 1\n"
-              "    np.save(f + '.emu.npy', ort.InferenceSession(f, so, providers=['CPUExecutionProvider']).run(None, {'input': x})[0])\n")
-    subprocess.run(["qemu-x86_64-static", "-cpu", "Haswell-v4", sys.executable, "-c", script, str(tmp_path / "x.npy"), *map(str, graphs.values())],
-                   check=True, capture_output=True, timeout=600)
+    _under_haswell(("import sys, numpy as np, onnxruntime as ort\n"
+                    "x = np.load(sys.argv[1])\n"
+                    "for f in sys.argv[2:]:\n"
+                    "    so = ort.SessionOptions(); so.intra_op_num_threads = 1\n"
+                    "    np.save(f + '.emu.npy', ort.InferenceSession(f, so, providers=['CPUExecutionProvider']).run(None, {'input': x})[0])\n"),
+                   x, tmp_path, *graphs.values())
     diffs = {r: float(np.abs(np.load(str(p) + ".emu.npy") - _logits(p, x)).max()) for r, p in graphs.items()}
     assert diffs["portable"] == 0.0 and diffs["portable-u8"] == 0.0, diffs
     if cpu_class() == "x86-vnni":  # natively exact sums: the emulated saturation shows (on an AVX2 host both sides saturate)
@@ -280,14 +285,12 @@ def test_the_tensorrt_graph_is_judged_as_tensorrt_sums_on_any_cpu(samepad_onnx, 
     trt = tmp_path / "trt.onnx"
     writer.write(trt, int8.RECIPES["tensorrt"])
     x = photos[:16]
-    np.save(tmp_path / "x.npy", x)
-    script = ("import sys, numpy as np\n"
-              "from edgeconv_export.bundle import runtime_logits, simulated_logits\n"
-              "x = np.load(sys.argv[1])\n"
-              "np.save(sys.argv[2] + '.sim.npy', simulated_logits(sys.argv[2], x))\n"
-              "np.save(sys.argv[2] + '.fused.npy', runtime_logits(sys.argv[2], x))\n")
-    subprocess.run(["qemu-x86_64-static", "-cpu", "Haswell-v4", sys.executable, "-c", script, str(tmp_path / "x.npy"), str(trt)],
-                   check=True, capture_output=True, timeout=600)
+    _under_haswell(("import sys, numpy as np\n"
+                    "from edgeconv_export.bundle import runtime_logits, simulated_logits\n"
+                    "x = np.load(sys.argv[1])\n"
+                    "np.save(sys.argv[2] + '.sim.npy', simulated_logits(sys.argv[2], x))\n"
+                    "np.save(sys.argv[2] + '.fused.npy', runtime_logits(sys.argv[2], x))\n"),
+                   x, tmp_path, trt)
     native, emulated = simulated_logits(trt, x), np.load(str(trt) + ".sim.npy")
     scale = float(np.abs(native).max())
     sim_diff = float(np.abs(emulated - native).max())
