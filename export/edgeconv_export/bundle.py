@@ -454,8 +454,8 @@ def _calibrated_int8(tmp: Path, inp: ExportInputs, opts: ExportOptions, fp32: _F
     a graph that misses keeps its most sensitive nodes in float until it passes (``fit_to_budget``). The CPU graphs run
     through the runtime's ONNX Runtime backend, the TensorRT graph through ``simulated_logits`` (TensorRT's sums, on any
     CPU), and so does the cpu graph on x86 without VNNI, whose 16-bit pair sums would saturate it: it is judged for the CPU
-    classes it is exact on, and such a CPU runs the portable graph. The CPU graph must pass; the portable and TensorRT graphs are dropped with a warning (the TensorRT one is required
-    with --format tensorrt)."""
+    classes it is exact on, and such a CPU runs the portable graph. The CPU graph must pass; the portable and TensorRT
+    graphs are dropped with a warning (the TensorRT one is required with --format tensorrt)."""
     budget = _budget(inp, opts)
     here = cpu_class()
     writer = Int8Writer(tmp / ONNX_FILES["fp32"], inp.calib_x, opts.calibration_method, tmp)
