@@ -76,9 +76,13 @@ def _guarded_protocol(cfg: ServeConfig):
             self._linger_left, self._linger_timer = 0, None
             self._arm_head_timer()
 
-        def _arm_head_timer(self) -> None:
+        def _cancel_head_timer(self) -> None:
             if self._head_timer is not None:
                 self._head_timer.cancel()
+                self._head_timer = None
+
+        def _arm_head_timer(self) -> None:
+            self._cancel_head_timer()
             self._head_timer = self.loop.call_later(timeout, self._head_too_slow)
 
         def _head_too_slow(self) -> None:
@@ -93,10 +97,8 @@ def _guarded_protocol(cfg: ServeConfig):
             reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
             self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
                                  % (status, reason, len(msg), msg))
-            self._refused, self._waiting = True, False
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
+            self._refused = True
+            self._cancel_head_timer()
             _GuardedHttp.count(status)
             if status == 431 and self.transport.can_write_eof():
                 # a lingering close, as nginx does: half-close, then read and drop what the client is still sending for
@@ -133,9 +135,7 @@ def _guarded_protocol(cfg: ServeConfig):
             if self._refused:
                 return
             self._in_head = self._waiting = False
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
+            self._cancel_head_timer()
             if self._head_bytes > limit:
                 self._refuse(431, b"request line and headers exceed the %d-byte limit" % limit)
                 return
