@@ -96,6 +96,22 @@ def test_huge_header_is_refused_and_counted(limited):
     assert httpx.get(limited.url + "/healthz", headers={"x-ok": "a" * 1000}).status_code == 200
 
 
+def test_a_huge_header_behind_a_pipelined_request_is_refused_without_a_traceback(mnist_bundle):
+    """A 431 whose connection still owes an earlier (pipelined) response closes at once, as before the lingering close: a
+    half-closed connection made that response's write fail ("Cannot call write() after write_eof()", 5 tracebacks in 5)."""
+    server = Server(mnist_bundle, "--max-header-kb", "8")
+    try:
+        for _ in range(5):
+            head = (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+            assert raw(server.url, head, read_timeout=5)[0] in (200, 431)
+        assert httpx.get(server.url + "/healthz").status_code == 200
+    finally:
+        server.stop()
+    err = server.proc.stderr.read()
+    assert "Traceback" not in err and "write_eof" not in err, err[-1000:]
+
+
 def test_a_5xx_is_counted_in_metrics(mnist_bundle, digit_png):
     server = Server(mnist_bundle, "--timeout-s", "0.000001")
     try:

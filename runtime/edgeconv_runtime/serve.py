@@ -100,7 +100,8 @@ def _guarded_protocol(cfg: ServeConfig):
             self._refused = True
             self._cancel_head_timer()
             _GuardedHttp.count(status)
-            if status == 431 and self.transport.can_write_eof():
+            idle = self.cycle is None or self.cycle.response_complete  # no earlier (pipelined) response still to be written
+            if status == 431 and idle and self.transport.can_write_eof():
                 # a lingering close, as nginx does: half-close, then read and drop what the client is still sending for
                 # a moment. Closing with its bytes unread makes the kernel send a reset that can wipe the 431 before
                 # the client reads it (seen with a 2 MB header on a loaded machine).
