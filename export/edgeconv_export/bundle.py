@@ -118,12 +118,17 @@ class ExportInputs:
     qat_onnx: Optional[Path] = None  # a QDQ graph from quantization-aware training: shipped as the INT8 graph, not calibrated
 
 
+def _in_batches(run, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """``run`` (a contiguous batch -> its logits) over ``x`` in batches of ``batch_size``, as one float32 array."""
+    return np.concatenate([run(np.ascontiguousarray(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]).astype(np.float32)
+
+
 def torch_logits(model, x: np.ndarray, batch_size: int = PARITY_BATCH) -> np.ndarray:
     import torch
 
     model.eval()
     with torch.no_grad():
-        return np.concatenate([model(torch.from_numpy(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)]).astype(np.float32)
+        return _in_batches(lambda b: model(torch.from_numpy(b)).numpy(), x, batch_size)
 
 
 def _fp32_agrees(report: dict) -> bool:
@@ -137,7 +142,7 @@ def runtime_logits(path: Path, x: np.ndarray, batch_size: int = PARITY_BATCH) ->
 
     backend = create_backend("onnxruntime-cpu", str(path))
     try:
-        return np.concatenate([backend.infer(np.ascontiguousarray(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]).astype(np.float32)
+        return _in_batches(backend.infer, x, batch_size)
     finally:
         backend.close()
 
@@ -155,8 +160,7 @@ def simulated_logits(path: Path, x: np.ndarray, batch_size: int = PARITY_BATCH) 
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: np.ascontiguousarray(x[i : i + batch_size])})[0]
-                           for i in range(0, len(x), batch_size)]).astype(np.float32)
+    return _in_batches(lambda b: sess.run(None, {name: b})[0], x, batch_size)
 
 
 def _budget(inp: ExportInputs, opts: ExportOptions) -> tuple:
